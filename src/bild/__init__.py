@@ -1,0 +1,1 @@
+"""bild: Big Little Decoder for Hugging Face models."""

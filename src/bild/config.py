@@ -1,0 +1,93 @@
+"""Frozen run settings, validated on construction, and the typed result of one generation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How both models pick a token from their distribution (the same rule for the small and the large model)."""
+
+    temperature: float = 0.0  # 0 means greedy (argmax); > 0 samples from softmax(logits / temperature)
+    top_p: float = 1.0  # nucleus sampling: keep the smallest set of tokens whose probability reaches top_p
+    seed: int | None = None  # seeds the sampling generator, so a run is reproducible
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not (isinstance(self.seed, int) and self.seed >= 0):
+            raise ValueError(f"seed must be a non-negative integer or None, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class BiLDConfig:
+    """The BiLD policies (Algorithm 1 of the paper) and the generation limits."""
+
+    fallback_threshold: float = 0.6  # alpha_FB: hand over to the large model when the small top-1 prob is below it
+    rollback_threshold: float = 5.0  # alpha_RB: roll back a small token whose NLL under the large model exceeds it
+    max_small_steps: int = 10  # N: most small-model tokens in a row before the large model checks them anyway
+    max_new_tokens: int = 128  # generation stops after this many new tokens
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.fallback_threshold, (int, float)) and 0 <= self.fallback_threshold <= 1):
+            raise ValueError(
+                f"fallback_threshold (alpha_FB) must be a probability in [0, 1], got {self.fallback_threshold!r}"
+            )
+        if not (isinstance(self.rollback_threshold, (int, float)) and self.rollback_threshold >= 0) or math.isnan(
+            self.rollback_threshold
+        ):
+            raise ValueError(
+                f"rollback_threshold (alpha_RB) must be >= 0 (0 = lossless, inf = never roll back), "
+                f"got {self.rollback_threshold!r}"
+            )
+        if not (isinstance(self.max_small_steps, int) and self.max_small_steps >= 1):
+            raise ValueError(f"max_small_steps (N) must be an integer >= 1, got {self.max_small_steps!r}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.sampling, SamplingConfig):
+            raise ValueError(f"sampling must be a SamplingConfig, got {type(self.sampling).__name__}")
+
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """What one request cost and how the two models shared the work."""
+
+    new_tokens: int  # tokens in the final output
+    small_tokens_kept: int  # output tokens written by the small model
+    large_tokens: int  # output tokens written by the large model (appended or rollback replacements)
+    small_tokens_drafted: int  # every token the small model appended, kept or later discarded
+    tokens_discarded: int  # small-model tokens thrown away by rollbacks
+    large_passes: int  # non-autoregressive large-model calls (the prefill pass included)
+    fallbacks: int  # large passes triggered by low small-model confidence
+    rollbacks: int
+    small_time_s: float  # time inside the small model's forward passes
+    large_time_s: float  # time inside the large model's forward passes
+    wall_time_s: float  # total time of the request, prompt encoding and overhead included
+
+    @property
+    def tokens_per_large_pass(self) -> float:
+        return self.new_tokens / self.large_passes if self.large_passes else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {**self.__dict__, "tokens_per_large_pass": self.tokens_per_large_pass}
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    token_ids: list[int]  # the new tokens only, without the prompt
+    text: str
+    finish_reason: FinishReason  # "stop": an EOS token ended it; "length": max_new_tokens did
+    stats: GenerationStats

