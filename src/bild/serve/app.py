@@ -1,0 +1,403 @@
+"""The FastAPI app: OpenAI-compatible completions and chat completions over one BiLD engine.
+
+A request is validated (schemas.py), checked against the model's context, turned into a `BiLDConfig` on top of the
+server-wide defaults and queued for the single generation worker (worker.py). Answers follow the OpenAI shapes and
+carry a ``bild`` object with the request's fallback/rollback statistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from bild.config import BiLDConfig, SamplingConfig
+from bild.serve.errors import APIError, error_body, error_response, install_handlers
+from bild.serve.metrics import ServerMetrics
+from bild.serve.schemas import ChatCompletionRequest, CompletionRequest, GenerationParams
+from bild.serve.worker import Failed, Finished, GenerationWorker, Job, QueueFull, TextDelta, WorkerClosed
+
+logger = logging.getLogger(__name__)
+
+_ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+_DISCONNECT_POLL_S = 0.25
+
+
+@dataclass
+class _Server:
+    engine: object
+    model_name: str
+    defaults: BiLDConfig
+    worker: GenerationWorker
+    context_length: int | None  # None: the model has no fixed limit (e.g. relative positions)
+    metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def create_app(
+    engine,
+    model_name: str,
+    defaults: BiLDConfig | None = None,
+    queue_size: int = 8,
+    api_key: str | None = None,
+    context_length: int | None = None,
+) -> FastAPI:
+    """Serve `engine` (a `bild.decoding.BiLD`) under `model_name`.
+
+    `defaults` holds the thresholds, max_new_tokens and sampling used when a request leaves them out; at most
+    `queue_size` requests wait while one generates (more get 429); with `api_key` every /v1 route requires
+    ``Authorization: Bearer <api_key>``. `context_length` defaults to the models' position limit.
+    """
+    server = _Server(
+        engine=engine,
+        model_name=model_name,
+        defaults=defaults or BiLDConfig(),
+        worker=GenerationWorker(engine, queue_size),
+        context_length=context_length if context_length is not None else model_context_length(engine),
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # uvicorn has stopped taking requests; cancel what still runs so the process can exit promptly.
+        await run_in_threadpool(server.worker.close)
+
+    app = FastAPI(title="bild", summary="Big Little Decoder behind the OpenAI API", lifespan=lifespan)
+    app.state.bild = server
+    install_handlers(app)
+    app.add_middleware(_GateMiddleware, server=server, api_key=api_key)
+    _add_routes(app, server)
+    return app
+
+
+def model_context_length(engine) -> int | None:
+    """The smallest position limit of the pair's models, or None when they have none."""
+    pair = getattr(engine, "pair", None)
+    models = [model for model in (getattr(pair, "large", None), getattr(pair, "small", None)) if model is not None]
+    limits = [getattr(loaded.model.config, "max_position_embeddings", None) for loaded in models]
+    limits = [limit for limit in limits if isinstance(limit, int) and limit > 0]
+    return min(limits) if limits else None
+
+
+class _GateMiddleware:
+    """API-key check for /v1 routes (before the body is read, so a bad key is 401 whatever the body) and request
+    counting by route and status code. Plain ASGI, so streaming responses and disconnects pass through untouched."""
+
+    def __init__(self, app, server: _Server, api_key: str | None) -> None:
+        self.app = app
+        self.server = server
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        route = next((known for known in _ROUTES if path == known or path.startswith(known + "/")), "other")
+        status = 500
+
+        async def send_counting(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            if self.expected and path.startswith("/v1/") and not self._authorized(scope):
+                message = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
+                response = error_response(APIError(401, message, code="invalid_api_key"))
+                await response(scope, receive, send_counting)
+            else:
+                await self.app(scope, receive, send_counting)
+        finally:
+            self.server.metrics.requests.labels(route, str(status)).inc()
+
+    def _authorized(self, scope) -> bool:
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        return hmac.compare_digest(given, self.expected)
+
+
+def _add_routes(app: FastAPI, server: _Server) -> None:
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        alive = server.worker.alive
+        body = {
+            "status": "ok" if alive else "worker stopped",
+            "model": server.model_name,
+            "queue_depth": server.worker.depth,
+            "queue_size": server.worker.queue_size,
+        }
+        return JSONResponse(body, 200 if alive else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        server.metrics.queue_depth.set(server.worker.depth)
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [_model_card(server)]}
+
+    @app.get("/v1/models/{model:path}")
+    async def get_model(model: str) -> dict:
+        _check_model(server, model)
+        return _model_card(server)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        return await _serve(server, request, body, body.prompt_text, chat=False, route="/v1/completions")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        messages = [message.as_template_message() for message in body.messages]
+        return await _serve(server, request, body, messages, chat=True, route="/v1/chat/completions")
+
+
+def _model_card(server: _Server) -> dict:
+    pair = getattr(server.engine, "pair", None)
+    return {
+        "id": server.model_name,
+        "object": "model",
+        "created": server.created,
+        "owned_by": "bild",
+        "large": getattr(getattr(pair, "large", None), "name", None),
+        "small": getattr(getattr(pair, "small", None), "name", None),
+        "context_length": server.context_length,
+    }
+
+
+def _check_model(server: _Server, model: str) -> None:
+    if model != server.model_name:
+        message = f"model {model!r} does not exist; this server serves {server.model_name!r} (see GET /v1/models)"
+        raise APIError(404, message, param="model", code="model_not_found")
+
+
+async def _serve(
+    server: _Server, request: Request, params: GenerationParams, prompt: str | list[dict], chat: bool, route: str
+) -> Response:
+    started = time.perf_counter()
+    _check_model(server, params.model)
+    prompt_param = "messages" if chat else "prompt"
+    prompt_tokens = await _count_prompt_tokens(server, prompt, chat, prompt_param)
+    config = _request_config(server, params, prompt_tokens, prompt_param)
+    job = Job(prompt=prompt, chat=chat, config=config, stops=list(params.stop or []), loop=asyncio.get_running_loop())
+    try:
+        server.worker.submit(job)
+    except QueueFull as full:
+        headers = {"Retry-After": str(full.retry_after_s)}
+        raise APIError(429, f"{full}; at most {server.worker.queue_size} requests wait", code="queue_full", headers=headers)
+    except WorkerClosed as closed:
+        raise APIError(503, str(closed), code="shutting_down")
+    answer = _Answer(server, route, chat, prompt_tokens, config, started)
+    if params.stream:
+        include_usage = bool(params.stream_options and params.stream_options.include_usage)
+        return StreamingResponse(
+            _stream(server, job, answer, include_usage), media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    return await _complete(server, request, job, answer)
+
+
+async def _count_prompt_tokens(server: _Server, prompt: str | list[dict], chat: bool, param: str) -> int:
+    try:
+        ids = await run_in_threadpool(server.engine.encode, prompt, chat)
+    except Exception as error:  # noqa: BLE001 -- tokenizing / chat templating failed on this input
+        raise APIError(400, f"cannot tokenize the {param}: {error}", param=param) from error
+    if not ids:
+        raise APIError(400, f"the {param} is empty after tokenization", param=param)
+    limit = server.context_length
+    if limit is not None and len(ids) >= limit:
+        message = f"the {param} is {len(ids)} tokens; this model's context is {limit} tokens (leave room to generate)"
+        raise APIError(400, message, param=param, code="context_length_exceeded")
+    return len(ids)
+
+
+def _request_config(server: _Server, params: GenerationParams, prompt_tokens: int, prompt_param: str) -> BiLDConfig:
+    """The server defaults overridden by the request's fields; max_tokens checked against the context."""
+    defaults, limit = server.defaults, server.context_length
+    room = None if limit is None else limit - prompt_tokens
+    if params.max_tokens is None:
+        max_new_tokens = defaults.max_new_tokens if room is None else min(defaults.max_new_tokens, room)
+    elif room is not None and params.max_tokens > room:
+        message = (
+            f"max_tokens is {params.max_tokens}, but the {prompt_param} has {prompt_tokens} tokens and this model's "
+            f"context is {limit} tokens: at most {room} new tokens fit"
+        )
+        raise APIError(400, message, param="max_tokens", code="context_length_exceeded")
+    else:
+        max_new_tokens = params.max_tokens
+
+    def pick(value, default):
+        return default if value is None else value
+
+    try:
+        sampling = SamplingConfig(
+            temperature=pick(params.temperature, defaults.sampling.temperature),
+            top_p=pick(params.top_p, defaults.sampling.top_p),
+            seed=pick(params.seed, defaults.sampling.seed),
+        )
+        return replace(
+            defaults,
+            fallback_threshold=pick(params.fallback_threshold, defaults.fallback_threshold),
+            rollback_threshold=pick(params.rollback_threshold, defaults.rollback_threshold),
+            max_small_steps=pick(params.max_small_steps, defaults.max_small_steps),
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+        )
+    except ValueError as error:  # the config's own checks; the schema should already have caught these
+        raise APIError(400, str(error)) from error
+
+
+@dataclass
+class _Answer:
+    """What every response of one request shares: ids, shapes and the bookkeeping of metrics."""
+
+    server: _Server
+    route: str
+    chat: bool
+    prompt_tokens: int
+    config: BiLDConfig
+    started: float
+    id: str = ""
+    created: int = field(default_factory=lambda: int(time.time()))
+    first_text_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+
+    def saw_text(self) -> None:
+        if self.first_text_at is None:
+            self.first_text_at = time.perf_counter()
+            self.server.metrics.ttft.labels(self.route).observe(self.first_text_at - self.started)
+
+    def done(self, finished: Finished | None) -> None:
+        self.server.metrics.latency.labels(self.route).observe(time.perf_counter() - self.started)
+        if finished is not None:
+            self.server.metrics.record_generation(finished.completion_tokens, finished.stats)
+
+    def usage(self, finished: Finished) -> dict:
+        total = self.prompt_tokens + finished.completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": finished.completion_tokens, "total_tokens": total}
+
+    def bild(self, finished: Finished) -> dict:
+        config = {
+            "fallback_threshold": self.config.fallback_threshold,
+            "rollback_threshold": _finite_or_str(self.config.rollback_threshold),
+            "max_small_steps": self.config.max_small_steps,
+            "max_new_tokens": self.config.max_new_tokens,
+            "temperature": self.config.sampling.temperature,
+            "top_p": self.config.sampling.top_p,
+            "seed": self.config.sampling.seed,
+        }
+        stats = {k: _finite_or_str(v) for k, v in finished.stats.as_dict().items()} if finished.stats else None
+        return {"config": config, "stats": stats}
+
+    def head(self, stream: bool) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if stream and self.chat else "")
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.server.model_name}
+
+    def full(self, finished: Finished) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": finished.text}}
+        else:
+            choice = {"index": 0, "text": finished.text}
+        choice |= {"logprobs": None, "finish_reason": finished.finish_reason}
+        return self.head(stream=False) | {"choices": [choice], "usage": self.usage(finished), "bild": self.bild(finished)}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, role: bool = False) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
+            choice = {"index": 0, "delta": delta}
+        else:
+            choice = {"index": 0, "text": text or ""}
+        choice |= {"logprobs": None, "finish_reason": finish_reason}
+        return self.head(stream=True) | {"choices": [choice]}
+
+
+def _finite_or_str(value):
+    """JSON has no infinity: alpha_RB = inf (never roll back) is sent as the string "inf"."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+async def _events(server: _Server, job: Job) -> AsyncIterator[TextDelta | Finished]:
+    """The job's events until it finishes; a failure becomes an APIError. Cancels the job when left early."""
+    try:
+        while True:
+            event = await job.events.get()
+            if isinstance(event, Failed):
+                raise _failure(event.error)
+            yield event
+            if isinstance(event, Finished):
+                return
+    finally:
+        server.worker.cancel(job)  # no-op once finished; frees the slot when the client went away
+
+
+def _failure(error: BaseException) -> APIError:
+    if isinstance(error, WorkerClosed):
+        return APIError(503, str(error), code="shutting_down")
+    if isinstance(error, ValueError):  # the engine refused the request's settings or prompt
+        return APIError(400, str(error))
+    return APIError(500, f"generation failed: {type(error).__name__}: {error}")
+
+
+async def _complete(server: _Server, request: Request, job: Job, answer: _Answer) -> Response:
+    """Wait for the whole answer, cancelling the job if the client disconnects meanwhile."""
+    events = _events(server, job)
+    finished = None
+    try:
+        while finished is None:
+            next_event = asyncio.ensure_future(anext(events))
+            while not next_event.done():
+                await asyncio.wait({next_event}, timeout=_DISCONNECT_POLL_S)
+                if not next_event.done() and await request.is_disconnected():
+                    next_event.cancel()
+                    return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+            event = next_event.result()
+            if isinstance(event, TextDelta):
+                answer.saw_text()
+            else:
+                finished = event
+    finally:
+        await events.aclose()
+        answer.done(finished)
+    return JSONResponse(answer.full(finished))
+
+
+def _sse(payload: dict | str) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, allow_nan=False)}\n\n"
+
+
+async def _stream(server: _Server, job: Job, answer: _Answer, include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events: one chunk per piece of final text, a last chunk with finish_reason, usage and the `bild`
+    statistics, then ``[DONE]``. Closing the stream (client gone) cancels the generation."""
+    finished = None
+    try:
+        if answer.chat:
+            yield _sse(answer.chunk(None, role=True))
+        async for event in _events(server, job):
+            if isinstance(event, TextDelta):
+                answer.saw_text()
+                yield _sse(answer.chunk(event.text))
+            else:
+                finished = event
+        last = answer.chunk(None, finish_reason=finished.finish_reason)
+        yield _sse(last | {"usage": answer.usage(finished), "bild": answer.bild(finished)})
+        if include_usage:
+            yield _sse(answer.head(stream=True) | {"choices": [], "usage": answer.usage(finished)})
+    except APIError as error:  # headers are gone: report the failure in-band, as OpenAI does
+        yield _sse(error_body(error.status, error.message, error.param, error.code))
+    finally:
+        answer.done(finished)
+    yield _sse("[DONE]")
