@@ -175,9 +175,10 @@ def generate_calibration(
         raise AlignInputError("no prompts to generate calibration data from")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    _drop_torn_tail(out_path)
     done = {record.index: record for record in read_calibration(out_path) if record.index < len(prompts)}
     encoded = [(i, encode_prompt(large, p, config.max_input_tokens)) for i, p in enumerate(prompts) if i not in done]
-    encoded.sort(key=lambda item: (len(item[1]), item[0]))
+    encoded = _length_sorted_windows(encoded, window=16 * config.batch_size)
     if done:
         logger.info("resuming calibration: %d of %d already in %s", len(done), len(prompts), out_path)
     with out_path.open("a", encoding="utf-8") as sink, tqdm(total=len(prompts), initial=len(done), desc="calibration") as bar:
@@ -189,6 +190,24 @@ def generate_calibration(
             sink.flush()
             bar.update(len(batch))
     return [done[i] for i in sorted(done)]
+
+
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a last line that an interrupted write left without its newline, so appending starts on a fresh line."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+        logger.warning("dropped a torn last line of %s (interrupted write)", path)
+
+
+def _length_sorted_windows(encoded: list[tuple[int, list[int]]], window: int) -> list[tuple[int, list[int]]]:
+    """Sort by length inside consecutive windows: little padding, and a stopped run has covered roughly a prefix."""
+    result = []
+    for start in range(0, len(encoded), window):
+        result.extend(sorted(encoded[start : start + window], key=lambda item: (len(item[1]), item[0])))
+    return result
 
 
 @torch.inference_mode()

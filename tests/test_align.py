@@ -1,0 +1,135 @@
+"""Prediction alignment on tiny seeded models (no network): agreement goes up, resume works, bad input is refused."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from bild.align import (
+    AlignInputError,
+    CalibrationConfig,
+    TrainConfig,
+    agreement,
+    align,
+    finetune,
+    generate_calibration,
+    read_calibration,
+    read_inputs,
+    split_records,
+)
+from bild.models import LoadedModel, VocabularyMismatchError
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def tiny_tokenizer(extra: int = 0) -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    vocab.update({word: i + 4 for i, word in enumerate(WORDS + [f"x{i}" for i in range(extra)])})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_llama(layers: int, seed: int, tokenizer: PreTrainedTokenizerFast, name: str) -> LoadedModel:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    return LoadedModel(name, model, tokenizer, is_encoder_decoder=False, is_chat=False)
+
+
+def tiny_bart(layers: int, seed: int, tokenizer: PreTrainedTokenizerFast, name: str) -> LoadedModel:
+    torch.manual_seed(seed)
+    config = BartConfig(vocab_size=len(tokenizer), d_model=32, encoder_layers=layers, decoder_layers=layers,
+                        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                        max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                        decoder_start_token_id=1, forced_eos_token_id=None, init_std=0.2)
+    model = BartForConditionalGeneration(config).eval()
+    return LoadedModel(name, model, tokenizer, is_encoder_decoder=True, is_chat=False)
+
+
+def random_prompts(count: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 8))) for _ in range(count)]
+
+
+CALIBRATION = CalibrationConfig(max_new_tokens=10, batch_size=16, top_k=4)
+TRAIN = TrainConfig(epochs=10, batch_size=16, learning_rate=3e-3, freeze_embeddings=False)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_bart], ids=["decoder-only", "encoder-decoder"])
+def test_alignment_raises_agreement(tmp_path, build):
+    tokenizer = tiny_tokenizer()
+    large, small = build(2, 0, tokenizer, "large"), build(1, 1, tokenizer, "small")
+    report = align(large, small, random_prompts(128), tmp_path, tmp_path / "out", CALIBRATION, TRAIN, 0.25)
+    assert report.agreement_after > report.agreement_before + 0.3
+    assert report.final_loss < report.first_loss
+    saved = json.loads((tmp_path / "out" / "align-report.json").read_text())
+    assert saved["heldout_records"] == 32 and saved["steps"] == report.steps
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_large_model_agrees_with_itself(tmp_path):
+    large = tiny_llama(2, 0, tiny_tokenizer(), "large")
+    records = generate_calibration(large, random_prompts(20), tmp_path / "c.jsonl", CALIBRATION)
+    assert agreement(large, records) > 0.99  # teacher forcing reproduces its own greedy choice
+
+
+def test_calibration_resumes_where_it_stopped(tmp_path):
+    large = tiny_llama(2, 0, tiny_tokenizer(), "large")
+    prompts = random_prompts(20)
+    path = tmp_path / "c.jsonl"
+    full = generate_calibration(large, prompts, tmp_path / "full.jsonl", CALIBRATION)
+    generate_calibration(large, prompts[:7], path, CALIBRATION)  # an "interrupted" run
+    with path.open("a") as sink:
+        sink.write('{"index": 99, "prompt": "torn')  # a torn last line
+    resumed = generate_calibration(large, prompts, path, CALIBRATION)
+    assert [r.index for r in resumed] == list(range(20))
+    assert [r.output_ids for r in resumed] == [r.output_ids for r in full]
+    assert len(read_calibration(path)) == 20
+
+
+def test_token_level_distillation_runs(tmp_path):
+    tokenizer = tiny_tokenizer()
+    large, small = tiny_llama(2, 0, tokenizer, "large"), tiny_llama(1, 1, tokenizer, "small")
+    records = generate_calibration(large, random_prompts(64), tmp_path / "c.jsonl", CALIBRATION)
+    assert len(records[0].topk_ids[0]) == 4
+    train, heldout = split_records(records, 0.25)
+    before = agreement(small, heldout)
+    finetune(small, train, TrainConfig(epochs=10, batch_size=8, learning_rate=3e-3, kl_weight=1.0,
+                                       freeze_embeddings=False))
+    assert agreement(small, heldout) > before
+
+
+def test_missing_and_empty_input_files(tmp_path):
+    with pytest.raises(AlignInputError, match="does not exist"):
+        read_inputs(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(AlignInputError, match="is empty"):
+        read_inputs(tmp_path / "empty.txt")
+    (tmp_path / "bad.jsonl").write_text('{"text": "no prompt field"}\n')
+    with pytest.raises(AlignInputError, match="'prompt' or 'source'"):
+        read_inputs(tmp_path / "bad.jsonl")
+
+
+def test_input_formats(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a b"}\n{"source": "c"}\n')
+    (tmp_path / "p.txt").write_text("first line\n\nsecond\n")
+    assert read_inputs(tmp_path / "p.jsonl") == ["a b", "c"]
+    assert read_inputs(tmp_path / "p.txt") == ["first line", "second"]
+
+
+def test_vocabulary_mismatch_is_refused(tmp_path):
+    large = tiny_llama(2, 0, tiny_tokenizer(), "large")
+    small = tiny_llama(1, 1, tiny_tokenizer(extra=5), "small")
+    with pytest.raises(VocabularyMismatchError, match="do not share a vocabulary"):
+        align(large, small, random_prompts(4), tmp_path)
+    assert not (tmp_path / "calibration.jsonl").exists()
