@@ -213,7 +213,7 @@ async def _count_prompt_tokens(server: _Server, prompt: str | list[dict], chat: 
     try:
         ids = await run_in_threadpool(server.engine.encode, prompt, chat)
     except Exception as error:  # noqa: BLE001 -- tokenizing / chat templating failed on this input
-        raise APIError(400, f"cannot tokenize the {param}: {error}", param=param) from error
+        raise APIError(400, f"invalid {param}: {error}", param=param) from error
     if not ids:
         raise APIError(400, f"the {param} is empty after tokenization", param=param)
     limit = server.context_length
