@@ -1,0 +1,209 @@
+"""The default little models for SmolLM2-135M-Instruct: two decoder layers on the large model's shared embeddings.
+
+A little model is an ordinary ``LlamaForCausalLM`` (so it also works as ``assistant_model`` in transformers' assisted
+generation) with ``num_hidden_layers`` layers of the large model's shape, initialised from some of the large model's
+own layers, on top of the large model's frozen embedding matrix and tied head (the same tensor object, not a copy).
+Only what is not shared is stored, in fp16: the layers and the final norm (``src/bild/weights/<variant>.safetensors``
+plus ``<variant>.json``). Importing this module registers the names ``smollm2-little`` (aligned: trained on the large
+model's greedy outputs) and ``smollm2-little-unaligned`` (trained on the real text's own next tokens).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
+
+from bild.models import DEFAULT_LARGE, LoadedModel, ModelLoadError, load_model, register_model
+from bild.textsource import Docstring, iter_docstrings, paragraphs
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+VARIANTS = {"smollm2-little": "aligned", "smollm2-little-unaligned": "unaligned"}
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+
+
+@dataclass(frozen=True)
+class PromptExample:
+    """An instruction-style prompt built from one stdlib docstring and a reference answer taken from the real text."""
+
+    prompt: str
+    reference: str  # real text (the docstring's own words) used as the unaligned model's target
+    source: str  # dotted name of the documented object
+
+
+def _first_sentence(text: str) -> str:
+    match = re.match(r"(.+?[.!?])(\s|$)", text, flags=re.S)
+    return (match.group(1) if match else text).strip()
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+def _example(doc: Docstring, rng: random.Random, max_chars: int) -> PromptExample | None:
+    """One prompt of a randomly chosen kind for a docstring; None when the docstring has no prose paragraph."""
+    prose = paragraphs(doc.text, min_chars=60)
+    if not prose:
+        return None
+    paragraph = _clip(rng.choice(prose), max_chars)
+    body = _clip("\n\n".join(prose[:3]), max_chars)
+    name = doc.dotted_name
+    kind = rng.randrange(7)
+    if kind == 0:
+        return PromptExample(f"Summarize in one sentence:\n\n{paragraph}", _first_sentence(paragraph), name)
+    if kind == 1:
+        return PromptExample(f"Explain what `{name}` does, based on its documentation:\n\n{body}", prose[0], name)
+    if kind == 2:
+        return PromptExample(f"Rewrite this more simply:\n\n{paragraph}", paragraph, name)
+    if kind == 3:
+        return PromptExample(f"What is `{name}` used for in Python? Answer briefly.", _first_sentence(prose[0]), name)
+    if kind == 4:
+        return PromptExample(f"Explain this to a beginner:\n\n{paragraph}", paragraph, name)
+    if kind == 5:
+        return PromptExample(f"List the key points of this text:\n\n{body}", body, name)
+    return PromptExample(f"Read this documentation and give a short answer: what does it describe?\n\n{paragraph}",
+                         _first_sentence(paragraph), name)
+
+
+def build_prompts(count: int, seed: int = 0, max_chars: int = 700) -> list[PromptExample]:
+    """``count`` prompts from distinct docstrings of the training stdlib modules (never the eval-reserved ones)."""
+    rng = random.Random(seed)
+    docs = list(iter_docstrings(split="train", min_chars=80))
+    rng.shuffle(docs)
+    examples: list[PromptExample] = []
+    for doc in docs:
+        example = _example(doc, rng, max_chars)
+        if example is not None:
+            examples.append(example)
+        if len(examples) == count:
+            break
+    logger.info("built %d prompts from %d training docstrings", len(examples), len(docs))
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------------- the model
+
+
+def build_little(large: LoadedModel, init_layers: tuple[int, ...]) -> LoadedModel:
+    """A LlamaForCausalLM with ``len(init_layers)`` decoder layers copied from the large model's ``init_layers``.
+
+    The embedding module and the tied head are the large model's own objects (shared, not copied); the final norm is
+    copied from the large model and trainable.
+    """
+    source = large.model
+    if not isinstance(source, LlamaForCausalLM):
+        raise ModelLoadError(f"little models are built on a Llama large model, got {type(source).__name__}")
+    config = copy.deepcopy(source.config)
+    config.num_hidden_layers = len(init_layers)
+    config.layer_types = None if not hasattr(config, "layer_types") else ["full_attention"] * len(init_layers)
+    with torch.device("meta"):  # no memory for an embedding matrix we replace right away
+        model = LlamaForCausalLM(config)
+    model.model.embed_tokens = source.model.embed_tokens
+    model.lm_head = source.lm_head
+    model.model.layers = torch.nn.ModuleList(copy.deepcopy(source.model.layers[i]) for i in init_layers)
+    for new_index, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_index  # each layer writes its own KV-cache slot
+    model.model.norm = copy.deepcopy(source.model.norm)
+    model.model.rotary_emb = copy.deepcopy(source.model.rotary_emb)
+    model.generation_config = copy.deepcopy(source.generation_config)
+    model.eval()
+    return LoadedModel(f"little{list(init_layers)}", model, large.tokenizer, False, large.is_chat)
+
+
+def own_state(model: LoadedModel) -> dict[str, torch.Tensor]:
+    """The little model's weights that are not the large model's shared embedding/head, in fp16."""
+    return {
+        name: tensor.detach().to(torch.float16).contiguous()
+        for name, tensor in model.model.state_dict().items()
+        if not name.startswith(("model.embed_tokens", "lm_head"))
+    }
+
+
+def save_little(model: LoadedModel, variant: str, init_layers: tuple[int, ...], report: dict, out_dir: Path) -> Path:
+    """``<variant>.safetensors`` (fp16, only the little model's own weights) and ``<variant>.json`` (how to rebuild)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(own_state(model), out_dir / f"{variant}.safetensors", metadata={"format": "pt"})
+    meta = {"variant": variant, "large": DEFAULT_LARGE, "init_layers": list(init_layers), "report": report}
+    (out_dir / f"{variant}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out_dir / f"{variant}.safetensors"
+
+
+def load_little(variant: str, large: LoadedModel | None = None, weights_dir: Path = WEIGHTS_DIR) -> LoadedModel:
+    """Rebuild a shipped little model on top of the (given or freshly loaded) default large model."""
+    weights, meta_path = weights_dir / f"{variant}.safetensors", weights_dir / f"{variant}.json"
+    if not weights.is_file() or not meta_path.is_file():
+        raise ModelLoadError(f"little model weights {weights} are missing; build them with `make little`")
+    large = large or load_model(DEFAULT_LARGE)
+    if large.model.config.hidden_size != 576 or large.model.config.vocab_size != 49152:
+        raise ModelLoadError(f"the little models are built for {DEFAULT_LARGE}; large model {large.name!r} differs")
+    meta = json.loads(meta_path.read_text())
+    little = build_little(large, tuple(meta["init_layers"]))
+    state = {name: tensor.float() for name, tensor in load_file(weights).items()}
+    missing, unexpected = little.model.load_state_dict(state, strict=False)
+    if unexpected or any(not name.startswith(("model.embed_tokens", "lm_head")) for name in missing):
+        raise ModelLoadError(f"{weights} does not match the little architecture (missing {missing}, extra {unexpected})")
+    name = next(name for name, v in VARIANTS.items() if v == variant)
+    return LoadedModel(name, little.model, large.tokenizer, False, large.is_chat)
+
+
+# ---------------------------------------------------------------------------------------------------- cost
+
+
+@dataclass(frozen=True)
+class DecodeCost:
+    """Per-token decode step time of both models, measured interleaved in one run (min over rounds)."""
+
+    large_ms: float
+    small_ms: float
+    steps: int  # single-token decode steps per round, with a KV cache
+    rounds: int
+
+    @property
+    def ratio(self) -> float:
+        return self.small_ms / self.large_ms
+
+
+@torch.inference_mode()
+def _decode_step_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> float:
+    """Mean time of one greedy single-token step after a prefill of ``prompt`` (1, prompt_len)."""
+    out = model(input_ids=prompt, use_cache=True)
+    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # token: (1, 1)
+    started = time.perf_counter()
+    for _ in range(steps):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    return (time.perf_counter() - started) * 1000 / steps
+
+
+def measure_decode_cost(large: LoadedModel, small: LoadedModel, steps: int = 64, rounds: int = 5,
+                        prompt_len: int = 64, seed: int = 0) -> DecodeCost:
+    """Side-by-side per-token cost: rounds alternate large and small, warm-up excluded, min over rounds."""
+    generator = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, large.model.config.vocab_size, (1, prompt_len), generator=generator)
+    _decode_step_ms(large.model, prompt, 4), _decode_step_ms(small.model, prompt, 4)  # warm-up
+    large_times, small_times = [], []
+    for _ in range(rounds):
+        large_times.append(_decode_step_ms(large.model, prompt, steps))
+        small_times.append(_decode_step_ms(small.model, prompt, steps))
+    return DecodeCost(min(large_times), min(small_times), steps, rounds)
+
+
+def _register() -> None:
+    for name, variant in VARIANTS.items():
+        register_model(name, lambda large, variant=variant: load_little(variant, large))
+
+
+_register()  # the one import-time side effect: make the names known to bild.models.load_model

@@ -1,0 +1,135 @@
+"""`bild little`: build both default little models end to end (prompts -> calibration -> two trainings -> report).
+
+The aligned variant is fine-tuned on the large model's greedy outputs (prediction alignment, :mod:`bild.align`); the
+unaligned one, with the same architecture, initialisation, steps and batch size, on the real text's own tokens (the
+docstring words each prompt was built from). Both are measured on the same held-out prompts: teacher-forced top-1
+agreement with the large model's greedy tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from bild.align import (
+    CalibrationConfig,
+    CalibrationRecord,
+    TrainConfig,
+    agreement,
+    encode_prompt,
+    finetune,
+    generate_calibration,
+    split_records,
+)
+from bild.little import PromptExample, build_little, build_prompts, measure_decode_cost, save_little
+from bild.models import DEFAULT_LARGE, LoadedModel, load_model
+from bild.textsource import LICENSE
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LittleConfig:
+    """Everything `make little` does, with the values the shipped weights were built with."""
+
+    prompts: int = 2000  # instruction prompts built from training-split stdlib docstrings
+    heldout_fraction: float = 0.1  # prompts kept out of training, used for the agreement figures
+    init_layers: tuple[int, ...] = (0, 1)  # large-model layers the little model's layers start from
+    seed: int = 0
+    calibration: CalibrationConfig = CalibrationConfig(max_new_tokens=96, batch_size=16, top_k=16, max_input_tokens=320)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=2.0, batch_size=8, learning_rate=5e-4, kl_weight=0.0, max_prompt_tokens=192, max_target_tokens=96))
+
+
+@dataclass(frozen=True)
+class VariantReport:
+    variant: str
+    train_records: int
+    train_target_tokens: int
+    steps: int
+    first_loss: float
+    final_loss: float
+    train_seconds: float
+    agreement_before: float  # the initialised, untrained little model
+    agreement_after: float
+    weights_mb: float
+
+
+@dataclass(frozen=True)
+class LittleReport:
+    config: dict
+    text_source: str
+    prompts: int
+    calibration_records: int
+    heldout_records: int
+    heldout_target_tokens: int
+    calibration_seconds: float  # this run's share (0 when the calibration file was already complete)
+    large_decode_ms: float
+    small_decode_ms: float
+    decode_cost_ratio: float  # little / large per-token decode step, measured side by side
+    variants: list[VariantReport]
+
+
+def reference_record(large: LoadedModel, record: CalibrationRecord, example: PromptExample, max_tokens: int
+                     ) -> CalibrationRecord:
+    """The same prompt with the real text as target (unaligned training): reference tokens, then EOS."""
+    ids = large.tokenizer(example.reference, add_special_tokens=False)["input_ids"][: max_tokens - 1]
+    return CalibrationRecord(record.index, record.prompt, record.input_ids, ids + [large.eos_token_ids[0]])
+
+
+def train_variant(large: LoadedModel, variant: str, train_records: list[CalibrationRecord],
+                  heldout: list[CalibrationRecord], config: LittleConfig, out_dir: Path) -> VariantReport:
+    """Initialise a little model, fine-tune it, measure held-out agreement before and after, save it."""
+    little = build_little(large, config.init_layers)
+    before = agreement(little, heldout, config.train)
+    result = finetune(little, train_records, config.train)
+    after = agreement(little, heldout, config.train)
+    logger.info("%s: agreement %.3f -> %.3f (%d steps, %.0f s)", variant, before, after, result.steps, result.seconds)
+    report = VariantReport(variant, len(train_records), result.train_tokens, result.steps, result.first_loss,
+                           result.final_loss, result.seconds, before, after, 0.0)
+    path = save_little(little, variant, config.init_layers, asdict(report), out_dir)
+    report = replace(report, weights_mb=path.stat().st_size / 1e6)
+    save_little(little, variant, config.init_layers, asdict(report), out_dir)
+    return report
+
+
+def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = LittleConfig(),
+                         variants: tuple[str, ...] = ("aligned", "unaligned")) -> LittleReport:
+    """The whole `make little` pipeline; the calibration file in ``work_dir`` makes an interrupted run resumable."""
+    torch.manual_seed(config.seed)
+    large = load_model(DEFAULT_LARGE)
+    examples = build_prompts(config.prompts, seed=config.seed)
+    started = time.perf_counter()
+    records = generate_calibration(large, [e.prompt for e in examples], work_dir / "calibration.jsonl",
+                                   config.calibration)
+    calibration_seconds = time.perf_counter() - started
+    records = [record for record in records if record.output_ids]
+    train_records, heldout = split_records(records, config.heldout_fraction, config.seed)
+    reports = []
+    if "aligned" in variants:
+        reports.append(train_variant(large, "aligned", train_records, heldout, config, out_dir))
+    if "unaligned" in variants:
+        real_text = [reference_record(large, r, examples[r.index], config.train.max_target_tokens)
+                     for r in train_records]
+        reports.append(train_variant(large, "unaligned", real_text, heldout, config, out_dir))
+    cost = measure_decode_cost(large, build_little(large, config.init_layers))
+    report = LittleReport(
+        config=json.loads(json.dumps(asdict(config))),
+        text_source=f"docstrings of the Python standard library ({LICENSE}); eval-reserved modules excluded",
+        prompts=len(examples),
+        calibration_records=len(records),
+        heldout_records=len(heldout),
+        heldout_target_tokens=sum(min(len(r.output_ids), config.train.max_target_tokens) for r in heldout),
+        calibration_seconds=calibration_seconds,
+        large_decode_ms=cost.large_ms,
+        small_decode_ms=cost.small_ms,
+        decode_cost_ratio=cost.ratio,
+        variants=reports,
+    )
+    (out_dir / "little-report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report
