@@ -42,6 +42,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     http.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})")
     http.add_argument("--queue-size", type=int, default=8, help="requests that may wait while one generates; more get 429 (default: %(default)s)")
     http.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get to finish on SIGTERM (default: %(default)s)")
+    http.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
     http.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     bild = parser.add_argument_group("server-wide defaults (each request may override them)")
     bild.add_argument("--fallback-threshold", type=float, default=0.6, help="alpha_FB (default: %(default)s)")
@@ -55,6 +56,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
     from bild.config import BiLDConfig, SamplingConfig
@@ -76,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--port must be in 0-65535, got {args.port}")
         if args.small.lower() == "none":
             raise ValueError("bild serve needs a small model (--small); BiLD streams what the large model checked")
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
         print(f"loading {args.large} + {args.small} ...", file=sys.stderr)
         pair = load_pair(args.large, args.small)
     except ValueError as error:  # bad settings, ModelLoadError, VocabularyMismatchError
