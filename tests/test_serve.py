@@ -396,6 +396,12 @@ def test_random_bytes_never_make_a_server_error(fuzz_server, raw, content_type):
     assert 400 <= response.status_code < 500 and "error" in response.json()
 
 
+def test_oversized_body_is_413(fuzz_server):
+    body = json.dumps({"model": MODEL, "prompt": "w5 " * 3_000_000})
+    response = fuzz_server.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["type"] == "invalid_request_error"
+
+
 @given(text=st.text(alphabet="abc ", max_size=30), cuts=st.lists(st.integers(0, 30), max_size=6), stops=st.lists(st.text(alphabet="abc ", min_size=1, max_size=3), max_size=3))
 def test_stop_scanner_emits_exactly_the_cut_text(text, cuts, stops):
     scanner = StopScanner(stops)

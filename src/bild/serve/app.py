@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 _ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 _DISCONNECT_POLL_S = 0.25
+MAX_BODY_BYTES = 8 * 2**20  # far above any prompt that fits a context; refuses memory-filling bodies early
 
 
 @dataclass
@@ -118,6 +119,9 @@ class _GateMiddleware:
                 message = "missing or wrong API key: send the header 'Authorization: Bearer <key>'"
                 response = error_response(APIError(401, message, code="invalid_api_key"))
                 await response(scope, receive, send_counting)
+            elif _content_length(scope) > MAX_BODY_BYTES:
+                message = f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB"
+                await error_response(APIError(413, message))(scope, receive, send_counting)
             else:
                 await self.app(scope, receive, send_counting)
         finally:
@@ -126,6 +130,11 @@ class _GateMiddleware:
     def _authorized(self, scope) -> bool:
         given = dict(scope["headers"]).get(b"authorization", b"")
         return hmac.compare_digest(given, self.expected)
+
+
+def _content_length(scope) -> int:
+    value = dict(scope["headers"]).get(b"content-length", b"0")
+    return int(value) if value.isdigit() else 0
 
 
 def _add_routes(app: FastAPI, server: _Server) -> None:
@@ -354,23 +363,24 @@ def _failure(error: BaseException) -> APIError:
 
 async def _complete(server: _Server, request: Request, job: Job, answer: _Answer) -> Response:
     """Wait for the whole answer, cancelling the job if the client disconnects meanwhile."""
-    events = _events(server, job)
     finished = None
     try:
         while finished is None:
-            next_event = asyncio.ensure_future(anext(events))
+            next_event = asyncio.ensure_future(job.events.get())
             while not next_event.done():
                 await asyncio.wait({next_event}, timeout=_DISCONNECT_POLL_S)
                 if not next_event.done() and await request.is_disconnected():
                     next_event.cancel()
                     return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
             event = next_event.result()
+            if isinstance(event, Failed):
+                raise _failure(event.error)
             if isinstance(event, TextDelta):
                 answer.saw_text()
             else:
                 finished = event
     finally:
-        await events.aclose()
+        server.worker.cancel(job)  # no-op once finished; frees the slot when the client went away
         answer.done(finished)
     return JSONResponse(answer.full(finished))
 

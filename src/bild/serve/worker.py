@@ -193,7 +193,6 @@ class GenerationWorker:
                 with self._lock:
                     self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
                     self._running = None
-                    job.state = _State.RUNNING  # so _finish does not look for it in the queue
                     self._finish(job)
 
     def _generate(self, job: Job) -> None:
