@@ -1,0 +1,66 @@
+"""The only code that touches KV caches.
+
+A `CachedDecoder` wraps one model's decoder and its cache. Invariant: the cache holds exactly the first
+`seen` tokens of the sequence being generated (`cache length == seen`), so a forward call feeds only
+`tokens[seen:]` and no token is ever computed twice. A rollback crops the cache back to a shorter prefix.
+Encoder-decoder models run their encoder once, when the decoder is created.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import PreTrainedModel
+
+
+class CachedDecoder:
+    def __init__(self, model: PreTrainedModel, encoder_input_ids: torch.Tensor | None = None) -> None:
+        """encoder_input_ids: (1, source_len) for encoder-decoder models, None for decoder-only models."""
+        self.model = model
+        self.device = model.device
+        self.cache = None  # created by the model on its first call (DynamicCache / EncoderDecoderCache)
+        self.seen = 0
+        self.time_s = 0.0  # time spent in this model's forward passes (encoder included)
+        self.calls = 0
+        self.encoder_outputs = None
+        if model.config.is_encoder_decoder:
+            if encoder_input_ids is None:
+                raise ValueError("an encoder-decoder model needs encoder input ids")
+            start = time.perf_counter()
+            with torch.inference_mode():
+                self.encoder_outputs = model.get_encoder()(input_ids=encoder_input_ids.to(self.device))
+            self.time_s += time.perf_counter() - start
+
+    @torch.inference_mode()
+    def forward(self, tokens: list[int]) -> torch.Tensor:
+        """Feed tokens[seen:] and return their next-token logits, (len(tokens) - seen, vocab)."""
+        new = tokens[self.seen :]
+        if not new:
+            raise ValueError("no new tokens to feed: the cache already holds the whole sequence")
+        start = time.perf_counter()
+        input_ids = torch.tensor([new], dtype=torch.long, device=self.device)  # (1, new)
+        if self.encoder_outputs is not None:
+            out = self.model(
+                encoder_outputs=self.encoder_outputs, decoder_input_ids=input_ids, cache=self.cache, use_cache=True
+            )
+        else:
+            out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True)
+        self.cache = out.cache
+        self.seen = len(tokens)
+        logits = out.logits[0].float()  # (new, vocab)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.time_s += time.perf_counter() - start
+        self.calls += 1
+        return logits
+
+    def crop(self, length: int) -> None:
+        """Forget every cached token from position `length` on (a rollback); keeps the invariant cache == seen."""
+        if length >= self.seen:
+            return
+        self.cache.crop(-(self.seen - length))  # transformers 5: a negative count of tokens to remove
+        self.seen = length
+
+    def cache_length(self) -> int:
+        return 0 if self.cache is None else self.cache.get_seq_length()

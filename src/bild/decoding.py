@@ -1,0 +1,251 @@
+"""The BiLD loop (Algorithm 1 of the paper) and the single-model loop, on the same cache code.
+
+Sequence bookkeeping: `tokens` is the decoder sequence (decoder-only: prompt + output; encoder-decoder:
+[decoder start] + output). `checked` is how many of them are final: the large model has seen and accepted
+every token before it, so text up to there can be streamed and is never taken back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from bild.cache import CachedDecoder
+from bild.config import BiLDConfig, FinishReason, GenerationResult, GenerationStats
+from bild.models import LoadedModel, ModelPair
+from bild.policies import find_rollback, should_fall_back
+from bild.sampling import make_generator, pick, top_probability
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[dict]
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    text: str  # new final text since the previous chunk
+    token_ids: list[int]  # new final token ids since the previous chunk
+    result: GenerationResult | None = None  # set on the last chunk only
+
+
+@dataclass
+class _Run:
+    """Mutable state of one generation; the loop owns it, policies never see it."""
+
+    tokens: list[int]
+    output_start: int  # index in tokens of the first output token
+    checked: int  # tokens[:checked] are final
+    small_run: int = 0  # small tokens appended since the last large pass
+    written_by_small: set[int] = field(default_factory=set)  # positions in tokens holding kept small tokens
+    small_drafted: int = 0
+    discarded: int = 0
+    fallbacks: int = 0
+    rollbacks: int = 0
+
+    @property
+    def num_new(self) -> int:
+        return len(self.tokens) - self.output_start
+
+
+class BiLD:
+    """Generate with a model pair. `pair.small` may be None: then only `vanilla` is available."""
+
+    def __init__(self, pair: ModelPair) -> None:
+        self.pair = pair
+        self.tokenizer = pair.large.tokenizer
+        self.eos_ids = frozenset(pair.large.eos_token_ids)
+        self.max_context = _context_length(pair.large)
+
+    # ---- prompts -------------------------------------------------------------------------------------------
+    def encode(self, prompt: Prompt, chat: bool | None = None) -> list[int]:
+        """Token ids of a prompt; chat=None applies the chat template when the large model has one."""
+        if isinstance(prompt, str) and not prompt.strip():
+            raise ValueError("prompt is empty")
+        if isinstance(prompt, list) and not prompt:
+            raise ValueError("messages are empty")
+        use_chat = self.pair.large.is_chat if chat is None else chat
+        if use_chat and not self.pair.large.is_chat:
+            raise ValueError(f"model {self.pair.large.name!r} has no chat template; use chat=False (--no-chat)")
+        if use_chat:
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            ids = list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+        else:
+            if not isinstance(prompt, str):
+                raise ValueError("a list of chat messages needs chat mode")
+            ids = list(self.tokenizer(prompt)["input_ids"])
+        if not ids:
+            raise ValueError("prompt encodes to no tokens")
+        if self.max_context is not None and len(ids) >= self.max_context:
+            raise ValueError(f"prompt is {len(ids)} tokens; the model's context is {self.max_context} tokens")
+        return ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # ---- public generation API -----------------------------------------------------------------------------
+    def generate(self, prompt: Prompt, config: BiLDConfig = BiLDConfig(), chat: bool | None = None) -> GenerationResult:
+        return self.generate_ids(self.encode(prompt, chat), config)
+
+    def generate_ids(self, prompt_ids: list[int], config: BiLDConfig = BiLDConfig()) -> GenerationResult:
+        return _last(self.stream_ids(prompt_ids, config))
+
+    def stream(self, prompt: Prompt, config: BiLDConfig = BiLDConfig(), chat: bool | None = None) -> Iterator[StreamChunk]:
+        """Yield text once the large model has checked it; closing the iterator stops generation."""
+        return self.stream_ids(self.encode(prompt, chat), config)
+
+    def stream_ids(self, prompt_ids: list[int], config: BiLDConfig = BiLDConfig()) -> Iterator[StreamChunk]:
+        if self.pair.small is None:
+            raise ValueError("BiLD needs a small model; this pair has only a large one (use vanilla)")
+        return self._stream(prompt_ids, config, self._bild_steps)
+
+    def vanilla(self, prompt: Prompt, config: BiLDConfig = BiLDConfig(), chat: bool | None = None) -> GenerationResult:
+        """The large model alone, one token per forward pass, through the same cache code."""
+        return self.vanilla_ids(self.encode(prompt, chat), config)
+
+    def vanilla_ids(self, prompt_ids: list[int], config: BiLDConfig = BiLDConfig()) -> GenerationResult:
+        return _last(self._stream(prompt_ids, config, partial(self._single_steps, "large")))
+
+    def small_only(self, prompt: Prompt, config: BiLDConfig = BiLDConfig(), chat: bool | None = None) -> GenerationResult:
+        """The small model alone (a quality floor for comparisons)."""
+        return self.small_only_ids(self.encode(prompt, chat), config)
+
+    def small_only_ids(self, prompt_ids: list[int], config: BiLDConfig = BiLDConfig()) -> GenerationResult:
+        if self.pair.small is None:
+            raise ValueError("this pair has no small model")
+        return _last(self._stream(prompt_ids, config, partial(self._single_steps, "small")))
+
+    # ---- the loops -----------------------------------------------------------------------------------------
+    def _stream(self, prompt_ids: list[int], config: BiLDConfig, steps) -> Iterator[StreamChunk]:
+        """Drive a step generator (which yields after every large pass) and turn final tokens into text chunks."""
+        start = time.perf_counter()
+        large_model = self.pair.large
+        if large_model.is_encoder_decoder:
+            start_id = large_model.model.config.decoder_start_token_id
+            run = _Run(tokens=[start_id], output_start=1, checked=1)
+        else:
+            run = _Run(tokens=list(prompt_ids), output_start=len(prompt_ids), checked=len(prompt_ids))
+        generator = make_generator(config.sampling, large_model.model.device)
+        decoders: dict[str, CachedDecoder] = {}
+        emitted_ids: list[int] = []
+        emitted_text = ""
+        for _ in steps(run, config, generator, decoders, prompt_ids):
+            final_ids = run.tokens[run.output_start : run.checked]
+            text = self.decode(final_ids)
+            if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for the rest
+                continue
+            chunk = StreamChunk(text=text[len(emitted_text) :], token_ids=final_ids[len(emitted_ids) :])
+            emitted_ids, emitted_text = list(final_ids), text
+            if chunk.token_ids:
+                yield chunk
+        output = run.tokens[run.output_start :]
+        text = self.decode(output)
+        finish: FinishReason = "stop" if output and output[-1] in self.eos_ids else "length"
+        small_decoder, large_decoder = decoders.get("small"), decoders.get("large")
+        stats = GenerationStats(
+            new_tokens=len(output),
+            small_tokens_kept=len(run.written_by_small),
+            large_tokens=len(output) - len(run.written_by_small),
+            small_tokens_drafted=run.small_drafted,
+            tokens_discarded=run.discarded,
+            large_passes=large_decoder.calls if large_decoder else 0,
+            fallbacks=run.fallbacks,
+            rollbacks=run.rollbacks,
+            small_time_s=small_decoder.time_s if small_decoder else 0.0,
+            large_time_s=large_decoder.time_s if large_decoder else 0.0,
+            wall_time_s=time.perf_counter() - start,
+        )
+        result = GenerationResult(token_ids=output, text=text, finish_reason=finish, stats=stats)
+        yield StreamChunk(text=text[len(emitted_text) :], token_ids=output[len(emitted_ids) :], result=result)
+
+    def _finished(self, run: _Run, config: BiLDConfig) -> bool:
+        """EOS written, max_new_tokens reached, or the context is full."""
+        if run.num_new and run.tokens[-1] in self.eos_ids:
+            return True
+        context_full = self.max_context is not None and len(run.tokens) >= self.max_context
+        return run.num_new >= config.max_new_tokens or context_full
+
+    def _decoder(self, role: str, decoders: dict[str, CachedDecoder], prompt_ids: list[int]) -> CachedDecoder:
+        """The cached decoder of 'small' or 'large', created (and its encoder run) on first use."""
+        if role not in decoders:
+            loaded: LoadedModel = getattr(self.pair, role)
+            encoder_ids = torch.tensor([prompt_ids]) if loaded.is_encoder_decoder else None
+            decoders[role] = CachedDecoder(loaded.model, encoder_ids)
+        return decoders[role]
+
+    def _single_steps(self, role, run, config, generator, decoders, prompt_ids) -> Iterator[None]:
+        """Plain autoregressive decoding with one model: one forward pass per token."""
+        decoder = self._decoder(role, decoders, prompt_ids)
+        while not self._finished(run, config):
+            logits = decoder.forward(run.tokens)[-1]  # (vocab,)
+            run.tokens.append(pick(logits, config.sampling, generator))
+            run.checked = len(run.tokens)
+            yield
+
+    def _bild_steps(self, run, config, generator, decoders, prompt_ids) -> Iterator[None]:
+        """Algorithm 1: small model drafts while confident; the large model checks, rolls back, writes a token.
+
+        Yields after every large pass (when the final prefix `tokens[:checked]` may have grown).
+        """
+        small = self._decoder("small", decoders, prompt_ids)
+        large = self._decoder("large", decoders, prompt_ids)
+        while True:
+            finished = self._finished(run, config)
+            if finished and run.small_run == 0:
+                return
+            if not finished and run.small_run < config.max_small_steps:
+                small_logits = small.forward(run.tokens)[-1]  # (vocab,)
+                confidence = top_probability(small_logits, config.sampling)
+                if not should_fall_back(confidence, run.small_run, config):
+                    self._draft(run, pick(small_logits, config.sampling, generator))
+                    continue
+                run.fallbacks += 1  # the small token is dropped
+            self._verify(run, config, large, small, generator, finished)
+            yield
+
+    def _draft(self, run: _Run, token: int) -> None:
+        run.written_by_small.add(len(run.tokens))
+        run.tokens.append(token)
+        run.small_run += 1
+        run.small_drafted += 1
+
+    def _verify(self, run, config, large: CachedDecoder, small: CachedDecoder, generator, finished: bool) -> None:
+        """One non-autoregressive large pass over every token it has not seen; then roll back or append."""
+        first_draft = len(run.tokens) - run.small_run  # position of the first unchecked small token
+        large_logits = large.forward(run.tokens)  # (len(tokens) - large.seen, vocab)
+        # row j of large_logits predicts position large_seen_before + j + 1
+        offset = len(run.tokens) - large_logits.shape[0]
+        draft_rows = large_logits[first_draft - 1 - offset : len(run.tokens) - 1 - offset]  # (small_run, vocab)
+        drafts = torch.tensor(run.tokens[first_draft:], dtype=torch.long, device=draft_rows.device)  # (small_run,)
+        rollback = find_rollback(draft_rows, drafts, config.rollback_threshold, config.sampling, generator)
+        if rollback is not None:
+            position = first_draft + rollback.index
+            run.discarded += len(run.tokens) - position
+            run.written_by_small -= set(range(position, len(run.tokens)))
+            del run.tokens[position:]
+            run.tokens.append(rollback.replacement)
+            large.crop(position)
+            small.crop(position)
+            run.rollbacks += 1
+        elif not finished:
+            run.tokens.append(pick(large_logits[-1], config.sampling, generator))
+        run.small_run = 0
+        run.checked = len(run.tokens)
+
+
+def _context_length(loaded: LoadedModel) -> int | None:
+    """The decoder's position limit, or None for models with relative positions (T5)."""
+    return getattr(loaded.model.config, "max_position_embeddings", None)
+
+
+def _last(chunks: Iterator[StreamChunk]) -> GenerationResult:
+    result = None
+    for chunk in chunks:
+        result = chunk.result
+    assert result is not None, "the stream always ends with a result chunk"
+    return result

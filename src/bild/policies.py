@@ -1,0 +1,62 @@
+"""The two BiLD policies as pure functions: they read tensors and return decisions; the loop owns all state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bild.config import BiLDConfig, SamplingConfig
+from bild.sampling import pick
+
+
+def should_fall_back(small_confidence: float, small_run: int, config: BiLDConfig) -> bool:
+    """Fallback policy: hand over to the large model when the small model is unsure or has written N tokens in a row.
+
+    alpha_FB = 1 always falls back, even when a float32 top-1 probability rounds to exactly 1.0.
+    """
+    unsure = small_confidence < config.fallback_threshold or config.fallback_threshold >= 1.0
+    return unsure or small_run >= config.max_small_steps
+
+
+@dataclass(frozen=True)
+class Rollback:
+    index: int  # position among the checked draft tokens (0 = the first small token since the last large pass)
+    replacement: int  # the large model's token for that position
+
+
+def find_rollback(
+    large_logits: torch.Tensor,
+    draft_tokens: torch.Tensor,
+    threshold: float,
+    sampling: SamplingConfig,
+    generator: torch.Generator | None,
+) -> Rollback | None:
+    """Rollback policy: the first draft token whose NLL under the large model exceeds `threshold`.
+
+    large_logits: (num_drafts, vocab), row i is the large model's prediction for draft_tokens[i]; draft_tokens:
+    (num_drafts,). The NLL is the cross-entropy between the small model's hard label and the large model's raw
+    (temperature 1) distribution, as in the paper.
+
+    Deliberate deviation (as in the official code): when the large model's own pick for that position equals the
+    draft token, nothing would change, so no rollback happens there and checking continues. Without it, alpha_RB = 0
+    would roll back every token, since no token has NLL exactly 0; with it, alpha_RB = 0 returns exactly the large
+    model's greedy output.
+    """
+    if draft_tokens.numel() == 0 or threshold == float("inf"):
+        return None
+    log_probs = torch.log_softmax(large_logits.float(), dim=-1)  # (num_drafts, vocab)
+    nll = -log_probs.gather(-1, draft_tokens[:, None]).squeeze(-1)  # (num_drafts,)
+    suspects = nll > threshold
+    if sampling.greedy:  # vectorized: the large pick is the argmax
+        suspects &= large_logits.argmax(dim=-1) != draft_tokens
+        hits = suspects.nonzero()
+        if hits.numel() == 0:
+            return None
+        index = int(hits[0, 0])
+        return Rollback(index=index, replacement=int(large_logits[index].argmax()))
+    for index in suspects.nonzero()[:, 0].tolist():
+        replacement = pick(large_logits[index], sampling, generator)
+        if replacement != int(draft_tokens[index]):
+            return Rollback(index=index, replacement=replacement)
+    return None

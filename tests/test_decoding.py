@@ -1,0 +1,187 @@
+"""Exactness of the BiLD loop against plain greedy decoding, cache cropping, statistics, sampling, configs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from bild.config import BiLDConfig, SamplingConfig
+from bild.decoding import BiLD
+from bild.models import ModelPair
+
+from conftest import make_pair, prompt_ids
+
+LENGTHS = [1, 7, 33]
+
+
+def hf_greedy(pair: ModelPair, ids: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' own greedy decoding of the large model, the reference everything is held to."""
+    model = pair.large.model
+    inputs = torch.tensor([ids])
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+    if model.config.is_encoder_decoder:
+        out = model.generate(input_ids=inputs, **kwargs)[0, 1:]  # drop the decoder start token
+    else:
+        out = model.generate(input_ids=inputs, attention_mask=torch.ones_like(inputs), **kwargs)[0, len(ids) :]
+    return out.tolist()
+
+
+@pytest.mark.parametrize("fallback_threshold", [0.0, 0.4])
+def test_lossless_rollback_equals_large_greedy(family, fallback_threshold):
+    pair = make_pair(family)  # EOS disabled: every run goes to max_new_tokens through many rounds
+    engine = BiLD(pair)
+    rollbacks = passes = kept = 0
+    for seed in range(5):
+        ids = prompt_ids(seed, length=3 + 4 * seed)
+        for max_new in LENGTHS:
+            config = BiLDConfig(fallback_threshold=fallback_threshold, rollback_threshold=0.0, max_new_tokens=max_new)
+            result = engine.generate_ids(ids, config)
+            reference = hf_greedy(pair, ids, max_new)
+            assert result.token_ids == reference, (seed, max_new)
+            assert engine.vanilla_ids(ids, config).token_ids == reference
+            rollbacks += result.stats.rollbacks
+            passes += result.stats.large_passes
+            kept += result.stats.small_tokens_kept
+    assert rollbacks > 5 and passes > 20, "the test must go through many fallback/rollback rounds"
+    if fallback_threshold == 0.0:
+        assert kept > 5, "some small-model tokens must survive the check"
+
+
+def test_always_fall_back_equals_large_greedy(family):
+    pair = make_pair(family)
+    engine = BiLD(pair)
+    for seed in range(4):
+        ids = prompt_ids(seed, length=5 + seed)
+        config = BiLDConfig(fallback_threshold=1.0, rollback_threshold=5.0, max_new_tokens=20)
+        result = engine.generate_ids(ids, config)
+        assert result.token_ids == hf_greedy(pair, ids, 20)
+        assert result.stats.small_tokens_kept == 0 and result.stats.large_passes == 20
+
+
+def test_small_equal_to_large_equals_greedy(family):
+    pair = make_pair(family, same=True)
+    engine = BiLD(pair)
+    for seed in range(4):
+        ids = prompt_ids(seed, length=4 + seed)
+        config = BiLDConfig(fallback_threshold=0.3, rollback_threshold=2.0, max_new_tokens=25)
+        result = engine.generate_ids(ids, config)
+        assert result.token_ids == hf_greedy(pair, ids, 25)
+        assert result.stats.rollbacks == 0
+
+
+def test_eos_ends_generation_and_stays_exact(family):
+    pair = make_pair(family)
+    # Random tiny models rarely pick any one token, so the EOS id is a token the large model does write.
+    eos = hf_greedy(pair, prompt_ids(0, 4), 40)[12]
+    for side in (pair.large, pair.small):
+        side.model.generation_config.eos_token_id = eos
+    engine = BiLD(pair)
+    stopped = 0
+    for seed in range(8):
+        ids = prompt_ids(seed, length=4)
+        config = BiLDConfig(fallback_threshold=0.2, rollback_threshold=0.0, max_new_tokens=40)
+        result = engine.generate_ids(ids, config)
+        reference = hf_greedy(pair, ids, 40)
+        assert result.token_ids == reference
+        if eos in reference:
+            assert result.token_ids[-1] == eos and result.finish_reason == "stop"
+            stopped += 1
+        else:
+            assert result.finish_reason == "length" and len(result.token_ids) == 40
+    assert stopped > 0, "some prompt must end with EOS"
+
+
+def _next_logits_from_cache(decoder, tokens: list[int]) -> torch.Tensor:
+    """Logits for tokens[seen:] through a copy of the decoder's cache, leaving the decoder untouched."""
+    probe = copy.copy(decoder)
+    probe.cache = copy.deepcopy(decoder.cache)
+    return probe.forward(tokens)
+
+
+def _fresh_logits(decoder, tokens: list[int]) -> torch.Tensor:
+    fresh = copy.copy(decoder)
+    fresh.cache, fresh.seen = None, 0
+    return fresh.forward(tokens)[decoder.seen :]
+
+
+def test_cropped_caches_match_recomputed(family, monkeypatch):
+    """After every rollback, both cropped caches give the logits a from-scratch computation gives."""
+    pair = make_pair(family)
+    engine = BiLD(pair)
+    checked = []
+    original_verify = BiLD._verify
+
+    def verify_and_check(self, run, config, large, small, generator, finished):
+        before = run.rollbacks
+        original_verify(self, run, config, large, small, generator, finished)
+        if run.rollbacks > before:
+            assert large.cache_length() == large.seen and small.cache_length() == small.seen
+            for decoder in (large, small):
+                cached = _next_logits_from_cache(decoder, run.tokens)
+                torch.testing.assert_close(cached, _fresh_logits(decoder, run.tokens), rtol=1e-4, atol=1e-3)
+            checked.append(run.rollbacks)
+
+    monkeypatch.setattr(BiLD, "_verify", verify_and_check)
+    for seed in range(4):
+        engine.generate_ids(prompt_ids(seed, 6), BiLDConfig(fallback_threshold=0.0, rollback_threshold=0.5, max_new_tokens=30))
+    assert len(checked) >= 3
+
+
+def test_sampling_is_reproducible_with_a_seed(family):
+    pair = make_pair(family)
+    engine = BiLD(pair)
+    ids = prompt_ids(3, 6)
+
+    def run(seed: int) -> list[int]:
+        sampling = SamplingConfig(temperature=1.5, top_p=0.95, seed=seed)
+        return engine.generate_ids(ids, BiLDConfig(rollback_threshold=2.0, max_new_tokens=30, sampling=sampling)).token_ids
+
+    assert run(7) == run(7)
+    assert len({tuple(run(seed)) for seed in range(5)}) > 1, "different seeds must be able to give different text"
+
+
+def test_stream_chunks_add_up_to_the_result(family):
+    pair = make_pair(family)
+    engine = BiLD(pair)
+    ids = prompt_ids(1, 5)
+    config = BiLDConfig(fallback_threshold=0.5, rollback_threshold=1.0, max_new_tokens=30)
+    chunks = list(engine.stream_ids(ids, config))
+    result = chunks[-1].result
+    assert result is not None and all(chunk.result is None for chunk in chunks[:-1])
+    assert len(chunks) > 2, "text must arrive in several pieces"
+    assert "".join(chunk.text for chunk in chunks) == result.text
+    assert sum((chunk.token_ids for chunk in chunks), []) == result.token_ids
+    assert result.token_ids == engine.generate_ids(ids, config).token_ids
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"fallback_threshold": 1.5}, "fallback_threshold"),
+        ({"fallback_threshold": -0.1}, "fallback_threshold"),
+        ({"rollback_threshold": -1.0}, "rollback_threshold"),
+        ({"rollback_threshold": float("nan")}, "rollback_threshold"),
+        ({"max_small_steps": 0}, "max_small_steps"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+    ],
+)
+def test_invalid_config_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        BiLDConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"temperature": -0.5}, "temperature"), ({"top_p": 0.0}, "top_p"), ({"top_p": 1.2}, "top_p"), ({"seed": -3}, "seed")],
+)
+def test_invalid_sampling_is_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingConfig(**kwargs)
+
+
+def test_empty_prompt_is_refused():
+    engine = BiLD(make_pair("llama"))
+    with pytest.raises(ValueError, match="empty"):
+        engine.generate("   ", chat=False)
