@@ -109,7 +109,10 @@ class BiLD:
         return self.vanilla_ids(self.encode(prompt, chat), config)
 
     def vanilla_ids(self, prompt_ids: list[int], config: BiLDConfig = BiLDConfig()) -> GenerationResult:
-        return _last(self._stream(prompt_ids, config, partial(self._single_steps, "large")))
+        return _last(self.stream_vanilla_ids(prompt_ids, config))
+
+    def stream_vanilla_ids(self, prompt_ids: list[int], config: BiLDConfig = BiLDConfig()) -> Iterator[StreamChunk]:
+        return self._stream(prompt_ids, config, partial(self._single_steps, "large"))
 
     def small_only(self, prompt: Prompt, config: BiLDConfig = BiLDConfig(), chat: bool | None = None) -> GenerationResult:
         """The small model alone (a quality floor for comparisons)."""
