@@ -24,7 +24,6 @@ from bild.align import (
     encode_prompt,
     finetune,
     generate_calibration,
-    split_records,
 )
 from bild.little import PromptExample, build_little, build_prompts, measure_decode_cost, save_little
 from bild.models import DEFAULT_LARGE, LoadedModel, load_model
@@ -38,7 +37,7 @@ class LittleConfig:
     """Everything `make little` does, with the values the shipped weights were built with."""
 
     prompts: int = 2000  # instruction prompts built from training-split stdlib docstrings
-    heldout_fraction: float = 0.1  # prompts kept out of training, used for the agreement figures
+    heldout_every: int = 10  # prompts 0, 10, 20, ... are kept out of training and give the agreement figures
     init_layers: tuple[int, ...] = (0, 1)  # large-model layers the little model's layers start from
     seed: int = 0
     calibration: CalibrationConfig = CalibrationConfig(max_new_tokens=96, batch_size=16, top_k=16, max_input_tokens=320)
@@ -98,9 +97,20 @@ def train_variant(large: LoadedModel, variant: str, train_records: list[Calibrat
     return report
 
 
+def split_by_index(records: list[CalibrationRecord], heldout_every: int) -> tuple[list, list]:
+    """Held out: prompts whose index is a multiple of ``heldout_every`` (stable when ``--prompts`` changes)."""
+    train = [record for record in records if record.index % heldout_every != 0]
+    heldout = [record for record in records if record.index % heldout_every == 0]
+    return train, heldout
+
+
 def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = LittleConfig(),
                          variants: tuple[str, ...] = ("aligned", "unaligned")) -> LittleReport:
-    """The whole `make little` pipeline; the calibration file in ``work_dir`` makes an interrupted run resumable."""
+    """The whole `make little` pipeline; the calibration file in ``work_dir`` makes an interrupted run resumable.
+
+    Each variant writes its own ``<variant>.json`` report, so variants may also run as separate processes; the
+    combined ``little-report.json`` gathers every variant present in ``out_dir``.
+    """
     torch.manual_seed(config.seed)
     large = load_model(DEFAULT_LARGE)
     examples = build_prompts(config.prompts, seed=config.seed)
@@ -109,14 +119,13 @@ def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = L
                                    config.calibration)
     calibration_seconds = time.perf_counter() - started
     records = [record for record in records if record.output_ids]
-    train_records, heldout = split_records(records, config.heldout_fraction, config.seed)
-    reports = []
+    train_records, heldout = split_by_index(records, config.heldout_every)
     if "aligned" in variants:
-        reports.append(train_variant(large, "aligned", train_records, heldout, config, out_dir))
+        train_variant(large, "aligned", train_records, heldout, config, out_dir)
     if "unaligned" in variants:
         real_text = [reference_record(large, r, examples[r.index], config.train.max_target_tokens)
                      for r in train_records]
-        reports.append(train_variant(large, "unaligned", real_text, heldout, config, out_dir))
+        train_variant(large, "unaligned", real_text, heldout, config, out_dir)
     cost = measure_decode_cost(large, build_little(large, config.init_layers))
     report = LittleReport(
         config=json.loads(json.dumps(asdict(config))),
@@ -129,7 +138,16 @@ def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = L
         large_decode_ms=cost.large_ms,
         small_decode_ms=cost.small_ms,
         decode_cost_ratio=cost.ratio,
-        variants=reports,
+        variants=_variant_reports(out_dir),
     )
     (out_dir / "little-report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def _variant_reports(out_dir: Path) -> list[VariantReport]:
+    reports = []
+    for variant in ("aligned", "unaligned"):
+        path = out_dir / f"{variant}.json"
+        if path.is_file():
+            reports.append(VariantReport(**json.loads(path.read_text())["report"]))
+    return reports

@@ -1,0 +1,69 @@
+"""The shared text source rule, the little-model prompts, and (slow) the little model's save/load round trip."""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from bild.textsource import is_eval_module, iter_docstrings, module_name, paragraphs, stdlib_dir
+
+
+def test_eval_rule_uses_the_top_level_package():
+    for name in ["json", "json.decoder", "os", "email.mime.text", "asyncio"]:
+        top = name.split(".")[0]
+        assert is_eval_module(name) == (zlib.crc32(top.encode()) % 5 == 0)
+    assert is_eval_module("json.decoder") == is_eval_module("json")
+
+
+def test_train_split_never_contains_eval_modules():
+    docs = list(iter_docstrings("train"))
+    assert len(docs) > 1000
+    assert not any(is_eval_module(doc.module) for doc in docs)
+    assert all(is_eval_module(doc.module) for doc in iter_docstrings("eval"))
+
+
+def test_module_names_skip_tests_and_site_packages():
+    root = stdlib_dir()
+    assert module_name(root / "json" / "__init__.py", root) == "json"
+    assert module_name(root / "email" / "mime" / "text.py", root) == "email.mime.text"
+    assert module_name(root / "test" / "test_json.py", root) is None
+    assert module_name(root / "site-packages" / "x.py", root) is None
+
+
+def test_paragraphs_skip_doctests():
+    text = "A first paragraph that is long enough to be kept as prose text here.\n\n>>> 1 + 1\n2\n"
+    assert paragraphs(text, min_chars=20) == ["A first paragraph that is long enough to be kept as prose text here."]
+
+
+def test_prompts_are_seeded_prefix_stable_and_train_only():
+    from bild.little import build_prompts
+
+    few, many = build_prompts(20, seed=0), build_prompts(40, seed=0)
+    assert few == many[:20]  # a smaller run uses a prefix of the same prompts (and of the calibration file)
+    assert not any(is_eval_module(example.source) for example in many)
+    assert all(example.prompt and example.reference for example in many)
+
+
+@pytest.mark.slow
+def test_little_model_round_trip_and_assisted_generation(tmp_path):
+    from bild.little import build_little, load_little, own_state, save_little
+    from bild.models import load_model
+
+    large = load_model("smollm2-135m-instruct")
+    little = build_little(large, (0, 1))
+    assert little.model.model.embed_tokens is large.model.model.embed_tokens  # shared, not copied
+    assert little.model.lm_head.weight.data_ptr() == large.model.model.embed_tokens.weight.data_ptr()
+    assert all(tensor.dtype == torch.float16 for tensor in own_state(little).values())
+    save_little(little, "aligned", (0, 1), {}, tmp_path)
+    assert (tmp_path / "aligned.safetensors").stat().st_size < 16e6
+    loaded = load_little("aligned", large, weights_dir=tmp_path)
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345]])
+    with torch.inference_mode():
+        expected, got = little.model(ids).logits, loaded.model(ids).logits
+    assert torch.allclose(expected, got, atol=0.05)  # fp16 storage
+    prompt = large.tokenizer("The Python standard library", return_tensors="pt")
+    greedy = large.model.generate(**prompt, max_new_tokens=8, do_sample=False)
+    assisted = large.model.generate(**prompt, max_new_tokens=8, do_sample=False, assistant_model=loaded.model)
+    assert torch.equal(greedy, assisted)
