@@ -8,6 +8,7 @@ Encoder-decoder models run their encoder once, when the decoder is created.
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import torch
@@ -24,6 +25,8 @@ class CachedDecoder:
         self.time_s = 0.0  # time spent in this model's forward passes (encoder included)
         self.calls = 0
         self.encoder_outputs = None
+        # models that can skip the output layer for positions whose logits nobody reads (most, not T5)
+        self.can_trim_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
         if model.config.is_encoder_decoder:
             if encoder_input_ids is None:
                 raise ValueError("an encoder-decoder model needs encoder input ids")
@@ -33,22 +36,27 @@ class CachedDecoder:
             self.time_s += time.perf_counter() - start
 
     @torch.inference_mode()
-    def forward(self, tokens: list[int]) -> torch.Tensor:
-        """Feed tokens[seen:] and return their next-token logits, (len(tokens) - seen, vocab)."""
+    def forward(self, tokens: list[int], keep: int | None = None) -> torch.Tensor:
+        """Feed tokens[seen:] and return next-token logits for the last `keep` of them (all when None).
+
+        Returns (min(keep, new), vocab). Skipping unread positions (a long prompt's) saves the output layer's cost.
+        """
         new = tokens[self.seen :]
         if not new:
             raise ValueError("no new tokens to feed: the cache already holds the whole sequence")
+        keep = len(new) if keep is None else min(keep, len(new))
         start = time.perf_counter()
         input_ids = torch.tensor([new], dtype=torch.long, device=self.device)  # (1, new)
+        trim = {"logits_to_keep": keep} if self.can_trim_logits else {}
         if self.encoder_outputs is not None:
             out = self.model(
-                encoder_outputs=self.encoder_outputs, decoder_input_ids=input_ids, cache=self.cache, use_cache=True
+                encoder_outputs=self.encoder_outputs, decoder_input_ids=input_ids, cache=self.cache, use_cache=True, **trim
             )
         else:
-            out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True)
+            out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, **trim)
         self.cache = out.cache
         self.seen = len(tokens)
-        logits = out.logits[0].float()  # (new, vocab)
+        logits = out.logits[0, -keep:].float()  # (keep, vocab)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.time_s += time.perf_counter() - start

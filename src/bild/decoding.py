@@ -178,14 +178,17 @@ class BiLD:
         if role not in decoders:
             loaded: LoadedModel = getattr(self.pair, role)
             encoder_ids = torch.tensor([prompt_ids]) if loaded.is_encoder_decoder else None
-            decoders[role] = CachedDecoder(loaded.model, encoder_ids)
+            if role == "small" and loaded.make_decoders is not None:  # early exit: both sides share one cache
+                decoders["small"], decoders["large"] = loaded.make_decoders(self.pair.large, encoder_ids)
+            else:
+                decoders[role] = CachedDecoder(loaded.model, encoder_ids)
         return decoders[role]
 
     def _single_steps(self, role, run, config, generator, decoders, prompt_ids) -> Iterator[None]:
         """Plain autoregressive decoding with one model: one forward pass per token."""
         decoder = self._decoder(role, decoders, prompt_ids)
         while not self._finished(run, config):
-            logits = decoder.forward(run.tokens)[-1]  # (vocab,)
+            logits = decoder.forward(run.tokens, keep=1)[-1]  # (vocab,)
             run.tokens.append(pick(logits, config.sampling, generator))
             run.checked = len(run.tokens)
             yield
@@ -202,7 +205,7 @@ class BiLD:
             if finished and run.small_run == 0:
                 return
             if not finished and run.small_run < config.max_small_steps:
-                small_logits = small.forward(run.tokens)[-1]  # (vocab,)
+                small_logits = small.forward(run.tokens, keep=1)[-1]  # (vocab,)
                 confidence = top_probability(small_logits, config.sampling)
                 if not should_fall_back(confidence, run.small_run, config):
                     self._draft(run, pick(small_logits, config.sampling, generator))
@@ -220,10 +223,10 @@ class BiLD:
     def _verify(self, run, config, large: CachedDecoder, small: CachedDecoder, generator, finished: bool) -> None:
         """One non-autoregressive large pass over every token it has not seen; then roll back or append."""
         first_draft = len(run.tokens) - run.small_run  # position of the first unchecked small token
-        large_logits = large.forward(run.tokens)  # (len(tokens) - large.seen, vocab)
-        # row j of large_logits predicts position large_seen_before + j + 1
-        offset = len(run.tokens) - large_logits.shape[0]
-        draft_rows = large_logits[first_draft - 1 - offset : len(run.tokens) - 1 - offset]  # (small_run, vocab)
+        assert large.seen <= first_draft - 1, "the large model must not have seen the drafts it checks"
+        # rows: the large model's predictions for each draft token, then for the token after the last one
+        large_logits = large.forward(run.tokens, keep=run.small_run + 1)  # (small_run + 1, vocab)
+        draft_rows = large_logits[:-1]  # (small_run, vocab)
         drafts = torch.tensor(run.tokens[first_draft:], dtype=torch.long, device=draft_rows.device)  # (small_run,)
         rollback = find_rollback(draft_rows, drafts, config.rollback_threshold, config.sampling, generator)
         if rollback is not None:
