@@ -424,10 +424,13 @@ def test_stop_scanner_emits_exactly_the_cut_text(text, cuts, stops):
 
 
 def test_cli_rejects_bad_settings_before_loading_models(capsys):
-    from bild.cli_serve import main
+    from bild.cli import main
 
     assert main(["serve", "--rollback-threshold", "-1"]) == 2
     assert "rollback_threshold" in capsys.readouterr().err
+    assert main(["serve", "--queue-size", "-1"]) == 2
+    assert main(["serve", "--small", "none"]) == 2
+    assert "needs a small model" in capsys.readouterr().err
 
 
 _SIGTERM_SCRIPT = """
@@ -476,7 +479,7 @@ def _is_up(url: str) -> bool:
 
 # ---- the real default pair -------------------------------------------------------------------------------------
 
-_LITTLE_WEIGHTS = Path(bild.__file__).parent / "weights" / "smollm2-little.safetensors"
+_LITTLE_WEIGHTS = Path(bild.__file__).parent / "weights" / "aligned.safetensors"  # what `make little` writes
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from bild.models import DEFAULT_LARGE, DEFAULT_SMALL
+from bild.models import DEFAULT_LARGE
 
 API_KEY_ENV = "BILD_API_KEY"
 
@@ -25,6 +25,8 @@ GET /metrics serves Prometheus metrics; GET /health answers 200 while the genera
 
 
 def register(subparsers) -> argparse.ArgumentParser:
+    from bild.cli import add_decoding_arguments, add_model_arguments
+
     parser = subparsers.add_parser(
         "serve",
         help="serve a model pair behind the OpenAI API (completions, chat, streaming, metrics)",
@@ -32,10 +34,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    models = parser.add_argument_group("models")
-    models.add_argument("--large", default=DEFAULT_LARGE, help="large model: registered name, directory or hub id (default: %(default)s)")
-    models.add_argument("--small", default=DEFAULT_SMALL, help="small model (default: %(default)s)")
-    models.add_argument("--model-name", help="the name clients send as `model` (default: the --large name)")
+    add_model_arguments(parser)
+    parser.add_argument("--model-name", help="the name clients send as `model` (default: the --large name)")
     http = parser.add_argument_group("http")
     http.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
     http.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
@@ -44,13 +44,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     http.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get to finish on SIGTERM (default: %(default)s)")
     http.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
     http.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    bild = parser.add_argument_group("server-wide defaults (each request may override them)")
-    bild.add_argument("--fallback-threshold", type=float, default=0.6, help="alpha_FB (default: %(default)s)")
-    bild.add_argument("--rollback-threshold", type=float, default=5.0, help="alpha_RB; 0 = lossless (default: %(default)s)")
-    bild.add_argument("--max-small-steps", type=int, default=10, help="N (default: %(default)s)")
-    bild.add_argument("--max-new-tokens", type=int, default=128, help="used when a request sends no max_tokens (default: %(default)s)")
-    bild.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    bild.add_argument("--top-p", type=float, default=1.0, help="(default: %(default)s)")
+    add_decoding_arguments(parser.add_argument_group("server-wide defaults (each request may override them)"))
     parser.set_defaults(func=run)
     return parser
 
@@ -59,34 +53,27 @@ def run(args: argparse.Namespace) -> int:
     import torch
     import uvicorn
 
-    from bild.config import BiLDConfig, SamplingConfig
+    from bild.cli import UsageError, config_from_args
     from bild.decoding import BiLD
     from bild.models import load_pair
     from bild.serve import create_app
 
+    defaults = config_from_args(args)
+    if args.queue_size < 0:
+        raise UsageError(f"--queue-size must be >= 0, got {args.queue_size}")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be in 0-65535, got {args.port}")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.small is None or args.small.lower() == "none":
+        raise UsageError("bild serve needs a small model (--small): it streams text the large model has checked")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(f"loading {args.large} + {args.small} ...", file=sys.stderr)
     try:
-        defaults = BiLDConfig(
-            fallback_threshold=args.fallback_threshold,
-            rollback_threshold=args.rollback_threshold,
-            max_small_steps=args.max_small_steps,
-            max_new_tokens=args.max_new_tokens,
-            sampling=SamplingConfig(temperature=args.temperature, top_p=args.top_p),
-        )
-        if args.queue_size < 0:
-            raise ValueError(f"--queue-size must be >= 0, got {args.queue_size}")
-        if not 0 <= args.port <= 65535:
-            raise ValueError(f"--port must be in 0-65535, got {args.port}")
-        if args.small.lower() == "none":
-            raise ValueError("bild serve needs a small model (--small); BiLD streams what the large model checked")
-        if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads must be >= 1, got {args.threads}")
-            torch.set_num_threads(args.threads)
-        print(f"loading {args.large} + {args.small} ...", file=sys.stderr)
         pair = load_pair(args.large, args.small)
-    except ValueError as error:  # bad settings, ModelLoadError, VocabularyMismatchError
-        print(f"bild serve: error: {error}", file=sys.stderr)
-        return 2
+    except ValueError as error:  # ModelLoadError, VocabularyMismatchError
+        raise UsageError(str(error)) from error
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without an API key (--api-key or ${API_KEY_ENV})", file=sys.stderr)
     model_name = args.model_name or args.large
@@ -96,15 +83,3 @@ def run(args: argparse.Namespace) -> int:
         app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout
     )
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m bild.cli_serve ...`, for use before the top-level `bild` command lists this module."""
-    parser = argparse.ArgumentParser(prog="bild")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
