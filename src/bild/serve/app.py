@@ -17,6 +17,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -211,9 +212,9 @@ async def _serve(
     answer = _Answer(server, route, chat, prompt_tokens, config, started)
     if params.stream:
         include_usage = bool(params.stream_options and params.stream_options.include_usage)
-        return StreamingResponse(
-            _stream(server, job, answer, include_usage), media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        return _JobStreamingResponse(
+            _stream(server, job, answer, include_usage), on_close=partial(server.worker.cancel, job),
+            media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     return await _complete(server, request, job, answer)
 
@@ -383,6 +384,21 @@ async def _complete(server: _Server, request: Request, job: Job, answer: _Answer
         server.worker.cancel(job)  # no-op once finished; frees the slot when the client went away
         answer.done(finished)
     return JSONResponse(answer.full(finished))
+
+
+class _JobStreamingResponse(StreamingResponse):
+    """Cancels its job however the response ends, even when the client left before the first chunk was pulled
+    (then the body generator never starts and its own `finally` never runs)."""
+
+    def __init__(self, content, on_close, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 def _sse(payload: dict | str) -> str:
