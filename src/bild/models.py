@@ -43,6 +43,9 @@ class LoadedModel:
     tokenizer: object
     is_encoder_decoder: bool
     is_chat: bool  # the tokenizer has a chat template
+    # Small models that share the large model's cache (early exit): factory(large, encoder_ids) -> (small, large)
+    # decoders with the CachedDecoder interface; None for ordinary models (one CachedDecoder each).
+    make_decoders: Callable | None = None
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -62,10 +65,17 @@ class ModelPair:
 # name -> factory(large_model_or_None) -> LoadedModel. Small models built on top of a large model's shared
 # weights (the little models, early exits) receive the already loaded large model.
 _REGISTRY: dict[str, Callable[[LoadedModel | None], LoadedModel]] = {}
+# prefix -> factory(large_model_or_None, argument): names "prefix:argument", e.g. "early-exit:4".
+_FAMILIES: dict[str, Callable[[LoadedModel | None, str], LoadedModel]] = {}
 
 
 def register_model(name: str, factory: Callable[[LoadedModel | None], LoadedModel]) -> None:
     _REGISTRY[name] = factory
+
+
+def register_family(prefix: str, factory: Callable[[LoadedModel | None, str], LoadedModel]) -> None:
+    """Names of the form ``prefix:argument`` (e.g. ``early-exit:4``) are built by ``factory(large, argument)``."""
+    _FAMILIES[prefix] = factory
 
 
 def registered_names() -> list[str]:
@@ -117,6 +127,9 @@ def load_model(name_or_path: str, large: LoadedModel | None = None, dtype: torch
     _load_builtin_registrations()
     if name_or_path in _REGISTRY:
         return _REGISTRY[name_or_path](large)
+    prefix, colon, argument = name_or_path.partition(":")
+    if colon and prefix in _FAMILIES:
+        return _FAMILIES[prefix](large, argument)
     return _load_pretrained(name_or_path, dtype=dtype)
 
 
@@ -212,3 +225,7 @@ def _load_builtin_registrations() -> None:
             from bild import little  # noqa: F401  (registers smollm2-little*, when the module exists)
         except ImportError:
             logger.debug("bild.little is not available; only the default large model is registered")
+        try:
+            from bild import early_exit  # noqa: F401  (registers smollm2-early-exit and early-exit:K)
+        except ImportError:
+            logger.debug("bild.early_exit is not available")
