@@ -62,6 +62,7 @@ class TrainConfig:
     max_target_tokens: int = 96  # target tokens trained on per record
     freeze_embeddings: bool = True  # the input embeddings (and a tied head) stay as they are
     seed: int = 0
+    max_minutes: float | None = None  # safety stop on a busy machine: end training early (the report says so)
 
 
 @dataclass(frozen=True)
@@ -389,6 +390,10 @@ def finetune(small: LoadedModel, records: Sequence[CalibrationRecord], config: T
     losses, tokens, started = [], 0, time.perf_counter()
     bar = tqdm(_batches(records, config.batch_size, rng, steps), total=steps, desc="fine-tune")
     for batch_records in bar:
+        if config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes:
+            logger.warning("stopping after %d of %d steps: the %.0f-minute limit was reached", len(losses), steps,
+                           config.max_minutes)
+            break
         batch = make_batch(small, batch_records, config)
         loss = batch_loss(batch_logits(small, batch), batch, config.kl_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -400,9 +405,9 @@ def finetune(small: LoadedModel, records: Sequence[CalibrationRecord], config: T
         tokens += int((batch.targets != IGNORE).sum())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     small.model.eval()
-    logger.info("fine-tuned %d steps in %.0f s, loss %.3f -> %.3f", steps, time.perf_counter() - started,
+    logger.info("fine-tuned %d steps in %.0f s, loss %.3f -> %.3f", len(losses), time.perf_counter() - started,
                 _mean(losses[:10]), _mean(losses[-10:]))
-    return TrainResult(steps, tokens, _mean(losses[:10]), _mean(losses[-10:]), time.perf_counter() - started)
+    return TrainResult(len(losses), tokens, _mean(losses[:10]), _mean(losses[-10:]), time.perf_counter() - started)
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:

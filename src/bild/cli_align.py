@@ -56,6 +56,8 @@ def register(subparsers) -> None:
     little.add_argument("--variants", default="aligned,unaligned", help="comma-separated (default: %(default)s)")
     little.add_argument("--epochs", type=float, help="training epochs (default: LittleConfig's)")
     little.add_argument("--kl-weight", type=float, help="token-level distillation weight (default: LittleConfig's)")
+    little.add_argument("--learning-rate", type=float, help="AdamW peak (default: LittleConfig's)")
+    little.add_argument("--max-train-minutes", type=float, help="safety stop per variant on a busy machine")
     little.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription on a busy machine)")
     little.set_defaults(func=run_little)
 
@@ -125,6 +127,10 @@ def run_little(args: argparse.Namespace) -> int:
             config = replace(config, train=replace(config.train, epochs=args.epochs))
         if args.kl_weight is not None:
             config = replace(config, train=replace(config.train, kl_weight=args.kl_weight))
+        if args.learning_rate is not None:
+            config = replace(config, train=replace(config.train, learning_rate=args.learning_rate))
+        if args.max_train_minutes is not None:
+            config = replace(config, train=replace(config.train, max_minutes=args.max_train_minutes))
         variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
         if not variants or set(variants) - {"aligned", "unaligned"}:
             raise ValueError(f"--variants must be 'aligned', 'unaligned' or both, got {args.variants!r}")
