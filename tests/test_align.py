@@ -133,3 +133,24 @@ def test_vocabulary_mismatch_is_refused(tmp_path):
     with pytest.raises(VocabularyMismatchError, match="do not share a vocabulary"):
         align(large, small, random_prompts(4), tmp_path)
     assert not (tmp_path / "calibration.jsonl").exists()
+
+
+def test_align_command_end_to_end(tmp_path, capsys):
+    from bild.cli import main
+
+    tokenizer = tiny_tokenizer()
+    for name, layers, seed in [("large", 2, 0), ("small", 1, 1)]:
+        model = tiny_llama(layers, seed, tokenizer, name)
+        model.model.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    (tmp_path / "prompts.txt").write_text("\n".join(random_prompts(64)) + "\n")
+    args = ["align", "--large", str(tmp_path / "large"), "--small", str(tmp_path / "small"), "--inputs",
+            str(tmp_path / "prompts.txt"), "--out", str(tmp_path / "out"), "--max-new-tokens", "8",
+            "--batch-size", "16", "--epochs", "10", "--learning-rate", "3e-3", "--train-embeddings",
+            "--heldout-fraction", "0.25"]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "align-report.json").read_text())
+    assert report["agreement_after"] > report["agreement_before"]
+    assert (tmp_path / "out" / "calibration" / "calibration.jsonl").is_file()
+    assert main([*args[:6], str(tmp_path / "missing.txt"), *args[7:]]) == 2
+    assert "does not exist" in capsys.readouterr().err
