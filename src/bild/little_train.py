@@ -20,6 +20,7 @@ from bild.align import (
     CalibrationConfig,
     CalibrationRecord,
     TrainConfig,
+    TrainResult,
     agreement,
     encode_prompt,
     finetune,
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 class LittleConfig:
     """Everything `make little` does, with the values the shipped weights were built with."""
 
-    prompts: int = 2000  # instruction prompts built from training-split stdlib docstrings
+    prompts: int = 1040  # instruction prompts built from training-split stdlib docstrings
     heldout_every: int = 10  # prompts 0, 10, 20, ... are kept out of training and give the agreement figures
     init_layers: tuple[int, ...] = (0, 1)  # large-model layers the little model's layers start from
     seed: int = 0
@@ -74,27 +75,21 @@ class LittleReport:
     variants: list[VariantReport]
 
 
-def reference_record(large: LoadedModel, record: CalibrationRecord, example: PromptExample, max_tokens: int
-                     ) -> CalibrationRecord:
-    """The same prompt with the real text as target (unaligned training): reference tokens, then EOS."""
-    ids = large.tokenizer(example.reference, add_special_tokens=False)["input_ids"][: max_tokens - 1]
-    return CalibrationRecord(record.index, record.prompt, record.input_ids, ids + [large.eos_token_ids[0]])
+def reference_records(large: LoadedModel, examples: list[PromptExample], config: LittleConfig
+                      ) -> list[CalibrationRecord]:
+    """Unaligned training data: each training prompt with the real text as target (reference tokens, then EOS).
 
-
-def train_variant(large: LoadedModel, variant: str, train_records: list[CalibrationRecord],
-                  heldout: list[CalibrationRecord], config: LittleConfig, out_dir: Path) -> VariantReport:
-    """Initialise a little model, fine-tune it, measure held-out agreement before and after, save it."""
-    little = build_little(large, config.init_layers)
-    before = agreement(little, heldout, config.train)
-    result = finetune(little, train_records, config.train)
-    after = agreement(little, heldout, config.train)
-    logger.info("%s: agreement %.3f -> %.3f (%d steps, %.0f s)", variant, before, after, result.steps, result.seconds)
-    report = VariantReport(variant, len(train_records), result.train_tokens, result.steps, result.first_loss,
-                           result.final_loss, result.seconds, before, after, 0.0)
-    path = save_little(little, variant, config.init_layers, asdict(report), out_dir)
-    report = replace(report, weights_mb=path.stat().st_size / 1e6)
-    save_little(little, variant, config.init_layers, asdict(report), out_dir)
-    return report
+    Needs no calibration data, so the unaligned variant can train before (or while) the large model generates.
+    """
+    records = []
+    for index, example in enumerate(examples):
+        if index % config.heldout_every == 0:
+            continue
+        prompt_ids = encode_prompt(large, example.prompt, config.calibration.max_input_tokens)
+        target = large.tokenizer(example.reference, add_special_tokens=False)["input_ids"]
+        target = target[: config.train.max_target_tokens - 1] + [large.eos_token_ids[0]]
+        records.append(CalibrationRecord(index, example.prompt, prompt_ids, target))
+    return records
 
 
 def split_by_index(records: list[CalibrationRecord], heldout_every: int) -> tuple[list, list]:
@@ -104,16 +99,36 @@ def split_by_index(records: list[CalibrationRecord], heldout_every: int) -> tupl
     return train, heldout
 
 
+def evaluate_and_save(large: LoadedModel, variant: str, little: LoadedModel, result: TrainResult, train_size: int,
+                      heldout: list[CalibrationRecord], config: LittleConfig, out_dir: Path) -> VariantReport:
+    """Held-out agreement of the untrained initialisation and of the trained model; save weights and report."""
+    before = agreement(build_little(large, config.init_layers), heldout, config.train)
+    after = agreement(little, heldout, config.train)
+    logger.info("%s: agreement %.3f -> %.3f (%d steps, %.0f s)", variant, before, after, result.steps, result.seconds)
+    report = VariantReport(variant, train_size, result.train_tokens, result.steps, result.first_loss,
+                           result.final_loss, result.seconds, before, after, 0.0)
+    path = save_little(little, variant, config.init_layers, asdict(report), out_dir)
+    report = replace(report, weights_mb=round(path.stat().st_size / 1e6, 2))
+    save_little(little, variant, config.init_layers, asdict(report), out_dir)
+    return report
+
+
 def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = LittleConfig(),
                          variants: tuple[str, ...] = ("aligned", "unaligned")) -> LittleReport:
     """The whole `make little` pipeline; the calibration file in ``work_dir`` makes an interrupted run resumable.
 
-    Each variant writes its own ``<variant>.json`` report, so variants may also run as separate processes; the
-    combined ``little-report.json`` gathers every variant present in ``out_dir``.
+    Order: unaligned training (real text, needs no calibration), calibration data, aligned training, then both are
+    measured on the same held-out calibration records. Each variant writes its own ``<variant>.json`` report, so
+    variants may also run as separate processes; ``little-report.json`` gathers every variant present in ``out_dir``.
     """
     torch.manual_seed(config.seed)
     large = load_model(DEFAULT_LARGE)
     examples = build_prompts(config.prompts, seed=config.seed)
+    trained: dict[str, tuple[LoadedModel, TrainResult, int]] = {}
+    if "unaligned" in variants:
+        real_text = reference_records(large, examples, config)
+        little = build_little(large, config.init_layers)
+        trained["unaligned"] = (little, finetune(little, real_text, config.train), len(real_text))
     started = time.perf_counter()
     records = generate_calibration(large, [e.prompt for e in examples], work_dir / "calibration.jsonl",
                                    config.calibration)
@@ -121,11 +136,10 @@ def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = L
     records = [record for record in records if record.output_ids]
     train_records, heldout = split_by_index(records, config.heldout_every)
     if "aligned" in variants:
-        train_variant(large, "aligned", train_records, heldout, config, out_dir)
-    if "unaligned" in variants:
-        real_text = [reference_record(large, r, examples[r.index], config.train.max_target_tokens)
-                     for r in train_records]
-        train_variant(large, "unaligned", real_text, heldout, config, out_dir)
+        little = build_little(large, config.init_layers)
+        trained["aligned"] = (little, finetune(little, train_records, config.train), len(train_records))
+    for variant, (little, result, size) in sorted(trained.items()):
+        evaluate_and_save(large, variant, little, result, size, heldout, config, out_dir)
     cost = measure_decode_cost(large, build_little(large, config.init_layers))
     report = LittleReport(
         config=json.loads(json.dumps(asdict(config))),
@@ -140,6 +154,7 @@ def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = L
         decode_cost_ratio=cost.ratio,
         variants=_variant_reports(out_dir),
     )
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "little-report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
 
