@@ -177,3 +177,26 @@ def test_encoder_decoder_models_are_refused():
     pair = make_pair("t5")
     with pytest.raises(ModelLoadError, match="Llama-style"):
         load_model("early-exit:1", large=pair.large)
+
+
+def test_keep_returns_the_last_rows(block):
+    pair = early_exit_pair(block=block)
+    ids = prompt_ids(4, 20)
+    draft, full = shared_decoders(pair.small.model)
+    every = full.forward(ids[:10])
+    draft.forward(ids[:10])
+    full.crop(4)
+    torch.testing.assert_close(full.forward(ids[:10], keep=2), every[-2:], rtol=1e-4, atol=1e-4)
+    assert draft.seen == 4  # one crop cut the shared stack for both sides
+    assert draft.forward(ids[:13], keep=20).shape == (9, pair.large.model.config.vocab_size)
+
+
+def test_eval_method_uses_the_pairs_early_exit():
+    from bild.eval.harness import evaluate
+    from test_eval import tiny_dataset
+
+    pair = early_exit_pair(block=True)
+    config = BiLDConfig(max_new_tokens=12, fallback_threshold=0.3, rollback_threshold=0.0)
+    result = evaluate(pair, tiny_dataset(3), ["bild-early-exit"], config, warmup=0)
+    summary = result.summaries["bild-early-exit"]
+    assert summary.exact_match == 1.0 and summary.tokens_per_large_pass > 1.0

@@ -12,7 +12,7 @@ import time
 from bild.config import BiLDConfig, GenerationResult, SamplingConfig
 
 # Subcommand modules; each exposes register(subparsers).
-_SUBCOMMAND_MODULES = ["bild.cli_align", "bild.cli_eval", "bild.cli_serve"]
+_SUBCOMMAND_MODULES = ["bild.cli_align", "bild.cli_eval", "bild.cli_serve", "bild.cli_early_exit"]
 
 DEMO_PROMPTS = [
     "Explain photosynthesis in two sentences.",

@@ -317,6 +317,18 @@ def load_exit(large: LoadedModel | None = None, weights_dir: Path = WEIGHTS_DIR,
     return early_exit_model(large, EarlyExitModel(large.model, meta["exit_layer"], block), SHIPPED_NAME)
 
 
+def exit_for(large: LoadedModel, small: LoadedModel | None = None) -> LoadedModel:
+    """The early exit to draft for ``large``: ``small`` when it already is one (``--small early-exit:K``), else the
+    shipped trained exit for the default large model, else the untrained exit after layer L // 4 (logged)."""
+    if small is not None and small.make_decoders is not None:
+        return small
+    if large.name == DEFAULT_LARGE:
+        return load_exit(large)
+    layer = max(1, large.model.config.num_hidden_layers // 4)
+    logger.warning("no trained early exit for %r: using the untrained %s:%d", large.name, FAMILY, layer)
+    return untrained_exit(large, str(layer))
+
+
 def _register() -> None:
     register_model(SHIPPED_NAME, load_exit)
     register_family(FAMILY, untrained_exit)

@@ -1,0 +1,105 @@
+"""`bild early-exit`: train the default large model's exit block (agreement and cost per k), and measure cost."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import asdict, replace
+from pathlib import Path
+
+EPILOG = """examples:
+  bild early-exit train                                   # k = 2,4,6,8 measured, k = 4 shipped to src/bild/weights
+  bild early-exit train --exit-layers 4 --ship-layer 4 --epochs 1.5 --report build/early-exit/report.json
+  bild early-exit cost --small early-exit:4               # draft step vs full large step, side by side
+  bild generate --small smollm2-early-exit "Explain photosynthesis."
+  bild eval --dataset docsum --limit 20 --methods vanilla,bild,bild-early-exit
+
+Calibration data is the little models' (`bild little` writes build/little/calibration.jsonl); the large model's
+weights stay frozen: only the exit block (one decoder layer, fp16) is trained and stored.
+"""
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers like 2,4,6; got {text!r}") from None
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("early-exit", help="early-exit drafter: train its exit block, measure its cost",
+                                   description=__doc__, epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="early_exit_command", required=True)
+    train = commands.add_parser("train", help="distil the exit block on the large model's greedy outputs")
+    train.add_argument("--calibration", type=Path, default=Path("build/little/calibration.jsonl"),
+                       help="calibration JSONL of the default large model (default: %(default)s)")
+    train.add_argument("--exit-layers", type=_layers, default=(2, 4, 6, 8), help="candidate k (default: 2,4,6,8)")
+    train.add_argument("--ship-layer", type=int, default=4, help="the k whose block is saved (default: %(default)s)")
+    train.add_argument("--init-from", choices=["last", "next"], default="last",
+                       help="exit block starts as the large model's last layer or layer k (default: %(default)s)")
+    train.add_argument("--epochs", type=float, default=1.0, help="(default: %(default)s)")
+    train.add_argument("--learning-rate", type=float, default=1e-3, help="(default: %(default)s)")
+    train.add_argument("--max-train-records", type=int, help="use the first N training records")
+    train.add_argument("--out-dir", type=Path, default=None, help="where the block goes (default: src/bild/weights)")
+    train.add_argument("--report", type=Path, help="also write the JSON report here")
+    train.add_argument("--threads", type=int, help="torch CPU threads")
+    train.set_defaults(func=_cmd_train)
+    cost = commands.add_parser("cost", help="per-token draft step vs full large step, measured side by side")
+    cost.add_argument("--small", default="smollm2-early-exit", help="an early-exit name (default: %(default)s)")
+    cost.add_argument("--threads", type=int, help="torch CPU threads")
+    cost.set_defaults(func=_cmd_cost)
+
+
+def _threads(args) -> None:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from bild.cli import UsageError
+    from bild.early_exit import WEIGHTS_DIR
+    from bild.early_exit_train import ExitTrainConfig, train_exits
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _threads(args)
+    if args.ship_layer not in args.exit_layers:
+        raise UsageError(f"--ship-layer {args.ship_layer} is not among --exit-layers {args.exit_layers}")
+    defaults = ExitTrainConfig()
+    config = replace(defaults, exit_layers=args.exit_layers, ship_layer=args.ship_layer, init_from=args.init_from,
+                     max_train_records=args.max_train_records,
+                     train=replace(defaults.train, epochs=args.epochs, learning_rate=args.learning_rate))
+    try:
+        report = train_exits(args.calibration, args.out_dir or WEIGHTS_DIR, config, args.report)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    print(f"{report.train_records} training / {report.heldout_records} held-out records "
+          f"({report.heldout_target_tokens} held-out tokens)")
+    print("k  init  agreement: bare  init   trained   draft ms  large ms  cost ratio")
+    for layer in report.layers:
+        print(f"{layer.exit_layer:<2} {layer.init_layer:<5} {layer.agreement_bare:15.3f} {layer.agreement_init:6.3f} "
+              f"{layer.agreement_trained:8.3f} {layer.draft_ms:10.2f} {layer.large_ms:9.2f} {layer.cost_ratio:10.3f}")
+    if report.shipped_layer is not None:
+        print(f"shipped the k={report.shipped_layer} exit block to {args.out_dir or WEIGHTS_DIR}")
+
+
+def _cmd_cost(args: argparse.Namespace) -> None:
+    from bild.cli import UsageError
+    from bild.early_exit import EarlyExitModel
+    from bild.early_exit_train import measure_draft_cost
+    from bild.models import DEFAULT_LARGE, load_model
+
+    _threads(args)
+    try:
+        large = load_model(DEFAULT_LARGE)
+        small = load_model(args.small, large=large)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    if not isinstance(small.model, EarlyExitModel):
+        raise UsageError(f"{args.small!r} is not an early exit; use smollm2-early-exit or early-exit:K")
+    draft_ms, large_ms = measure_draft_cost(large, small.model)
+    print(json.dumps({"small": args.small, "draft_ms": draft_ms, "large_ms": large_ms,
+                      "cost_ratio": draft_ms / large_ms}, indent=2))
