@@ -200,3 +200,22 @@ def test_eval_method_uses_the_pairs_early_exit():
     result = evaluate(pair, tiny_dataset(3), ["bild-early-exit"], config, warmup=0)
     summary = result.summaries["bild-early-exit"]
     assert summary.exact_match == 1.0 and summary.tokens_per_large_pass > 1.0
+
+
+@pytest.mark.slow
+def test_shipped_exit_round_trip_and_lossless_on_real_weights(tmp_path):
+    from bild.early_exit import ExitSpec, load_exit, save_exit
+
+    large = load_model("smollm2-135m-instruct")
+    model = EarlyExitModel(large.model, 4, make_exit_block(large.model, 29))
+    save_exit(model, ExitSpec(4, 29), {}, tmp_path)
+    assert (tmp_path / "early-exit.safetensors").stat().st_size < 8e6  # one decoder layer in fp16
+    rebuilt = load_exit(large, weights_dir=tmp_path)
+    assert rebuilt.model.large is large.model and rebuilt.model.exit_layer == 4
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345]])
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt.model(ids).logits, model(ids).logits, atol=0.05, rtol=0.0)  # fp16 storage
+    engine = BiLD(ModelPair(large=large, small=rebuilt))
+    prompt = engine.encode("Explain what a hash table is used for.")
+    config = BiLDConfig(fallback_threshold=0.3, rollback_threshold=0.0, max_new_tokens=24)
+    assert engine.generate_ids(prompt, config).token_ids == engine.vanilla_ids(prompt, config).token_ids
