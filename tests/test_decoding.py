@@ -185,3 +185,35 @@ def test_empty_prompt_is_refused():
     engine = BiLD(make_pair("llama"))
     with pytest.raises(ValueError, match="empty"):
         engine.generate("   ", chat=False)
+
+
+def test_no_model_recomputes_a_cached_token(family, monkeypatch):
+    """Each model is fed every token once, plus only the tokens a rollback cropped from its cache."""
+    from bild.cache import CachedDecoder
+
+    fed: dict[int, int] = {}
+    cropped: dict[int, int] = {}
+    original_forward, original_crop = CachedDecoder.forward, CachedDecoder.crop
+
+    def counting_forward(self, tokens, keep=None):
+        fed[id(self)] = fed.get(id(self), 0) + len(tokens) - self.seen
+        return original_forward(self, tokens, keep)
+
+    def counting_crop(self, length):
+        cropped[id(self)] = cropped.get(id(self), 0) + max(0, self.seen - length)
+        return original_crop(self, length)
+
+    monkeypatch.setattr(CachedDecoder, "forward", counting_forward)
+    monkeypatch.setattr(CachedDecoder, "crop", counting_crop)
+    seen_at_end = {}
+    original_verify = BiLD._verify
+
+    def remember(self, run, config, large, small, generator, finished):
+        original_verify(self, run, config, large, small, generator, finished)
+        seen_at_end.update({id(large): large, id(small): small})
+
+    monkeypatch.setattr(BiLD, "_verify", remember)
+    result = BiLD(make_pair(family)).generate_ids(prompt_ids(2, 6), BiLDConfig(fallback_threshold=0.0, rollback_threshold=0.5, max_new_tokens=30))
+    assert result.stats.rollbacks > 0 and len(seen_at_end) == 2
+    for key, decoder in seen_at_end.items():
+        assert fed[key] - cropped.get(key, 0) == decoder.seen == decoder.cache_length()
