@@ -11,7 +11,7 @@ from pathlib import Path
 EPILOG = """examples:
   bild early-exit train                                   # k = 2,4,6,8 measured, k = 4 shipped to src/bild/weights
   bild early-exit train --exit-layers 4 --ship-layer 4 --epochs 1.5 --report build/early-exit/report.json
-  bild early-exit cost --small early-exit:4               # draft step vs full large step, side by side
+  bild early-exit cost --small early-exit:2,early-exit:4,smollm2-little   # ms per step, side by side
   bild generate --small smollm2-early-exit "Explain photosynthesis."
   bild eval --dataset docsum --limit 20 --methods vanilla,bild,bild-early-exit
 
@@ -47,7 +47,10 @@ def register(subparsers) -> None:
     train.add_argument("--threads", type=int, help="torch CPU threads")
     train.set_defaults(func=_cmd_train)
     cost = commands.add_parser("cost", help="per-token draft step vs full large step, measured side by side")
-    cost.add_argument("--small", default="smollm2-early-exit", help="an early-exit name (default: %(default)s)")
+    cost.add_argument("--small", default="smollm2-early-exit,smollm2-little",
+                      help="comma-separated drafters, early exits or not (default: %(default)s)")
+    cost.add_argument("--steps", type=int, default=32, help="decode steps per round (default: %(default)s)")
+    cost.add_argument("--rounds", type=int, default=5, help="interleaved rounds, min taken (default: %(default)s)")
     cost.add_argument("--threads", type=int, help="torch CPU threads")
     cost.set_defaults(func=_cmd_cost)
 
@@ -88,18 +91,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_cost(args: argparse.Namespace) -> None:
     from bild.cli import UsageError
-    from bild.early_exit import EarlyExitModel
-    from bild.early_exit_train import measure_draft_cost
+    from bild.early_exit_train import measure_step_costs
     from bild.models import DEFAULT_LARGE, load_model
 
     _threads(args)
     try:
         large = load_model(DEFAULT_LARGE)
-        small = load_model(args.small, large=large)
+        drafters = {name: load_model(name, large=large) for name in args.small.split(",")}
     except ValueError as error:
         raise UsageError(str(error)) from error
-    if not isinstance(small.model, EarlyExitModel):
-        raise UsageError(f"{args.small!r} is not an early exit; use smollm2-early-exit or early-exit:K")
-    draft_ms, large_ms = measure_draft_cost(large, small.model)
-    print(json.dumps({"small": args.small, "draft_ms": draft_ms, "large_ms": large_ms,
-                      "cost_ratio": draft_ms / large_ms}, indent=2))
+    costs = measure_step_costs(large, drafters, steps=args.steps, rounds=args.rounds)
+    print(json.dumps({"ms_per_step": costs,
+                      "cost_ratio": {name: costs[name] / costs["large"] for name in drafters}}, indent=2))

@@ -94,24 +94,32 @@ def _steps_ms(forward, prompt: list[int], steps: int) -> float:
     return (time.perf_counter() - started) * 1000 / steps
 
 
-def measure_draft_cost(large: LoadedModel, model: EarlyExitModel, steps: int = 32, rounds: int = 5,
-                       prompt_len: int = 64, seed: int = 0) -> tuple[float, float]:
-    """(draft ms, large ms) per single-token step, interleaved rounds, warm-up excluded, min over rounds."""
+def measure_step_costs(large: LoadedModel, drafters: dict[str, LoadedModel], steps: int = 32, rounds: int = 5,
+                       prompt_len: int = 64, seed: int = 0) -> dict[str, float]:
+    """ms per single-token decode step of the large model ("large") and each drafter, through the engine's own
+    decoders (an early exit through its shared-cache draft decoder), interleaved rounds, warm-up excluded, min."""
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, large.model.config.vocab_size, (prompt_len,), generator=generator).tolist()
 
-    def draft(n):
-        return _steps_ms(shared_decoders(model)[0].forward, prompt, n)
+    def decoder(loaded: LoadedModel):
+        if loaded.make_decoders is not None:
+            return loaded.make_decoders(large, None)[0]
+        return CachedDecoder(loaded.model)
 
-    def full(n):
-        return _steps_ms(CachedDecoder(large.model).forward, prompt, n)
-
-    draft(2), full(2)  # warm-up
-    draft_times, large_times = [], []
+    runners = {"large": large, **drafters}
+    for loaded in runners.values():  # warm-up
+        _steps_ms(decoder(loaded).forward, prompt, 2)
+    times: dict[str, list[float]] = {name: [] for name in runners}
     for _ in range(rounds):
-        draft_times.append(draft(steps))
-        large_times.append(full(steps))
-    return min(draft_times), min(large_times)
+        for name, loaded in runners.items():
+            times[name].append(_steps_ms(decoder(loaded).forward, prompt, steps))
+    return {name: min(values) for name, values in times.items()}
+
+
+def measure_draft_cost(large: LoadedModel, model: EarlyExitModel, steps: int = 32, rounds: int = 5) -> tuple[float, float]:
+    """(draft ms, large ms) per single-token step, measured side by side."""
+    costs = measure_step_costs(large, {"draft": early_exit_model(large, model, "draft")}, steps, rounds)
+    return costs["draft"], costs["large"]
 
 
 def train_layer(large: LoadedModel, exit_layer: int, train_records: list[CalibrationRecord],
