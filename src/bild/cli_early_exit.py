@@ -41,6 +41,9 @@ def register(subparsers) -> None:
                        help="exit block starts as the large model's last layer or layer k (default: %(default)s)")
     train.add_argument("--epochs", type=float, default=1.0, help="(default: %(default)s)")
     train.add_argument("--learning-rate", type=float, default=1e-3, help="(default: %(default)s)")
+    train.add_argument("--kl-weight", type=float, default=0.0,
+                       help="weight of the soft cross-entropy on the large model's stored top-k (default: %(default)s)")
+    train.add_argument("--resume-from", type=Path, help="continue training a saved block (.safetensors with its .json)")
     train.add_argument("--max-train-records", type=int, help="use the first N training records")
     train.add_argument("--out-dir", type=Path, default=None, help="where the block goes (default: src/bild/weights)")
     train.add_argument("--report", type=Path, help="also write the JSON report here")
@@ -73,8 +76,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
         raise UsageError(f"--ship-layer {args.ship_layer} is not among --exit-layers {args.exit_layers}")
     defaults = ExitTrainConfig()
     config = replace(defaults, exit_layers=args.exit_layers, ship_layer=args.ship_layer, init_from=args.init_from,
-                     max_train_records=args.max_train_records,
-                     train=replace(defaults.train, epochs=args.epochs, learning_rate=args.learning_rate))
+                     max_train_records=args.max_train_records, resume_from=args.resume_from,
+                     train=replace(defaults.train, epochs=args.epochs, learning_rate=args.learning_rate,
+                                   kl_weight=args.kl_weight))
     try:
         report = train_exits(args.calibration, args.out_dir or WEIGHTS_DIR, config, args.report)
     except ValueError as error:

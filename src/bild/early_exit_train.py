@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from bild.align import CalibrationRecord, TrainConfig, agreement, finetune, read_calibration
 from bild.cache import CachedDecoder
@@ -47,6 +48,7 @@ class ExitTrainConfig:
     heldout_every: int = 10  # the little models' split: prompts 0, 10, 20, ... are held out
     max_train_records: int | None = None  # use the first N training records (quick sweeps)
     max_heldout_records: int | None = 100
+    resume_from: Path | None = None  # continue from a saved block (``save_exit`` output) instead of the init layer
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=1.0, batch_size=8, learning_rate=5e-4, kl_weight=0.0, max_prompt_tokens=192, max_target_tokens=96))
 
@@ -129,6 +131,12 @@ def train_layer(large: LoadedModel, exit_layer: int, train_records: list[Calibra
     init_layer = {"last": last, "next": exit_layer}[config.init_from]
     bare = early_exit_model(large, EarlyExitModel(large.model, exit_layer), f"early-exit:{exit_layer}")
     model = EarlyExitModel(large.model, exit_layer, make_exit_block(large.model, init_layer))
+    if config.resume_from is not None:
+        saved = json.loads(config.resume_from.with_suffix(".json").read_text())
+        if (saved["exit_layer"], saved["init_layer"]) != (exit_layer, init_layer):
+            raise ValueError(f"{config.resume_from} is an exit at k={saved['exit_layer']} from layer "
+                             f"{saved['init_layer']}, not k={exit_layer} from layer {init_layer}")
+        model.exit_block.load_state_dict({name: t.float() for name, t in load_file(config.resume_from).items()})
     drafter = early_exit_model(large, model, f"early-exit:{exit_layer}+block")
     agreement_bare = agreement(bare, heldout, config.train)
     agreement_init = agreement(drafter, heldout, config.train)
