@@ -200,12 +200,12 @@ def test_ctrl_c_keeps_finished_examples(tmp_path, monkeypatch):
 def test_summarize_rates_per_generated_token():
     from bild.eval.harness import ExampleRecord
 
-    stats = {"fallbacks": 2, "rollbacks": 1, "large_passes": 4, "small_time_s": 0.2, "large_time_s": 0.5}
+    stats = {"fallbacks": 2, "rollbacks": 1, "large_passes": 4, "small_time_s": 0.2, "large_time_s": 0.5, "small_tokens_drafted": 7}
     record = ExampleRecord(0, "0", "bild", "a b", "a b", 1.0, 8, True, stats)
     baseline = ExampleRecord(0, "0", "vanilla", "a b", "a b", 2.0, 8, True, None)
     summary = summarize([record], [baseline])
     assert (summary.speedup, summary.fallback_rate, summary.rollback_rate) == (2.0, 0.25, 0.125)
-    assert summary.tokens_per_large_pass == 2.0 and summary.overhead_s == pytest.approx(0.3)
+    assert summary.tokens_per_large_pass == 2.0 and summary.overhead_s == pytest.approx(0.3) and summary.small_steps == 9
 
 
 # ---- sweep -------------------------------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ class MethodSummary:
     new_tokens: int
     mean_time_s: float
     large_passes: int | None
+    small_steps: int | None  # small-model decoding steps: drafted tokens plus the ones dropped by a fallback
     small_time_s: float | None  # inside the small model's forward passes
     large_time_s: float | None  # inside the large model's forward passes
     overhead_s: float | None  # everything else: policies, sampling, cache crops, Python
@@ -224,6 +225,7 @@ def summarize(records: list[ExampleRecord], baseline: list[ExampleRecord]) -> Me
         new_tokens=new_tokens,
         mean_time_s=total_time / n if n else 0.0,
         large_passes=large_passes,
+        small_steps=int(stat_sum("small_tokens_drafted") + stat_sum("fallbacks")) if has_stats else None,
         small_time_s=stat_sum("small_time_s") if has_stats else None,
         large_time_s=stat_sum("large_time_s") if has_stats else None,
         overhead_s=total_time - stat_sum("small_time_s") - stat_sum("large_time_s") if has_stats else None,
