@@ -58,11 +58,14 @@ def test_little_model_round_trip_and_assisted_generation(tmp_path):
     assert all(tensor.dtype == torch.float16 for tensor in own_state(little).values())
     save_little(little, "aligned", (0, 1), {}, tmp_path)
     assert (tmp_path / "aligned.safetensors").stat().st_size < 16e6
-    loaded = load_little("aligned", large, weights_dir=tmp_path)
-    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345]])
+    exact = load_little("aligned", large, weights_dir=tmp_path, int8_head=False)
+    loaded = load_little("aligned", large, weights_dir=tmp_path)  # the shipped form: int8 copy of the head
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 282, 260, 1345, 314, 1071, 28, 339, 4567, 30, 253]])
     with torch.inference_mode():
-        expected, got = little.model(ids).logits, loaded.model(ids).logits
+        expected, got, quantized = little.model(ids).logits, exact.model(ids).logits, loaded.model(ids).logits
     assert torch.allclose(expected, got, atol=0.05)  # fp16 storage
+    assert (quantized.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+    assert large.model.lm_head.weight.dtype == torch.float32  # the large model keeps its fp32 head
     prompt = large.tokenizer("The Python standard library", return_tensors="pt")
     greedy = large.model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assisted = large.model.generate(**prompt, max_new_tokens=8, do_sample=False, assistant_model=loaded.model)

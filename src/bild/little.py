@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
+from bild.quantize import quantize_output_layer
 from bild.models import DEFAULT_LARGE, LoadedModel, ModelLoadError, load_model, register_model
 from bild.textsource import Docstring, iter_docstrings, paragraphs
 
@@ -141,8 +142,14 @@ def save_little(model: LoadedModel, variant: str, init_layers: tuple[int, ...], 
     return out_dir / f"{variant}.safetensors"
 
 
-def load_little(variant: str, large: LoadedModel | None = None, weights_dir: Path = WEIGHTS_DIR) -> LoadedModel:
-    """Rebuild a shipped little model on top of the (given or freshly loaded) default large model."""
+def load_little(
+    variant: str, large: LoadedModel | None = None, weights_dir: Path = WEIGHTS_DIR, int8_head: bool = True
+) -> LoadedModel:
+    """Rebuild a shipped little model on top of the (given or freshly loaded) default large model.
+
+    int8_head: give the little model a per-channel int8 copy of the shared head (see bild.quantize), which makes
+    its decode step several times cheaper on a CPU; the large model keeps the fp32 original.
+    """
     weights, meta_path = weights_dir / f"{variant}.safetensors", weights_dir / f"{variant}.json"
     if not weights.is_file() or not meta_path.is_file():
         raise ModelLoadError(f"little model weights {weights} are missing; build them with `make little`")
@@ -155,6 +162,8 @@ def load_little(variant: str, large: LoadedModel | None = None, weights_dir: Pat
     missing, unexpected = little.model.load_state_dict(state, strict=False)
     if unexpected or any(not name.startswith(("model.embed_tokens", "lm_head")) for name in missing):
         raise ModelLoadError(f"{weights} does not match the little architecture (missing {missing}, extra {unexpected})")
+    if int8_head and little.model.device.type == "cpu":
+        quantize_output_layer(little.model)
     name = next(name for name, v in VARIANTS.items() if v == variant)
     return LoadedModel(name, little.model, large.tokenizer, False, large.is_chat)
 
