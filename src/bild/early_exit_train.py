@@ -77,6 +77,7 @@ class ExitTrainReport:
     heldout_target_tokens: int
     layers: list[LayerReport]
     shipped_layer: int | None
+    resumed_from: dict | None = None  # the report saved with the block training continued from (its history)
 
 
 def _frozen(large: LoadedModel) -> None:
@@ -176,6 +177,8 @@ def train_exits(calibration: Path = DEFAULT_CALIBRATION, out_dir: Path = WEIGHTS
         heldout_target_tokens=sum(min(len(r.output_ids), config.train.max_target_tokens) for r in heldout),
         layers=layers,
         shipped_layer=config.ship_layer if shipped is not None else None,
+        resumed_from=json.loads(config.resume_from.with_suffix(".json").read_text())["report"]
+        if config.resume_from is not None else None,
     )
     if shipped is not None:
         save_exit(shipped, ExitSpec(shipped.exit_layer, shipped_init), asdict(result), out_dir)
