@@ -28,11 +28,13 @@ def damped_llama(seed: int = 1, damp: float = 0.25):
     return model
 
 
-def early_exit_pair(exit_layer: int = 2, block: bool = False) -> ModelPair:
+def early_exit_pair(exit_layer: int = 2, block: bool = False, int8_head: bool = False) -> ModelPair:
     large = loaded("llama-large", damped_llama(), tiny_tokenizer(with_eos=False))
     exit_block = make_exit_block(large.model, LAYERS - 1) if block else None
-    small = early_exit_model(large, EarlyExitModel(large.model, exit_layer, exit_block), "exit")
-    return ModelPair(large=large, small=small)
+    model = EarlyExitModel(large.model, exit_layer, exit_block)
+    if int8_head:
+        model.use_int8_head()
+    return ModelPair(large=large, small=early_exit_model(large, model, "exit"))
 
 
 @pytest.fixture(params=[False, True], ids=["bare-exit", "exit-block"])
@@ -74,9 +76,9 @@ def _assert_invariants(stack) -> None:
         assert stack.exit_cache.get_seq_length() == stack.exit_len
 
 
-@pytest.mark.parametrize("fallback_threshold", [0.0, 0.4])
-def test_lossless_equals_large_greedy(block, fallback_threshold):
-    pair = early_exit_pair(block=block)
+@pytest.mark.parametrize("fallback_threshold,int8_head", [(0.0, False), (0.4, False), (0.4, True)])
+def test_lossless_equals_large_greedy(block, fallback_threshold, int8_head):
+    pair = early_exit_pair(block=block, int8_head=int8_head)
     engine = BiLD(pair)
     rollbacks = kept = 0
     for seed in range(8):

@@ -38,6 +38,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from bild.models import DEFAULT_LARGE, LoadedModel, ModelLoadError, load_model, register_family, register_model
+from bild.quantize import int8_copy
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +69,19 @@ class EarlyExitModel(nn.Module):
         self.__dict__["large"] = large  # by reference: not a submodule
         self.exit_layer = exit_layer
         self.exit_block = exit_block
+        self.draft_head: nn.Module | None = None  # an int8 copy of the head for drafting (use_int8_head); None: shared
         self.config = large.config
         self.generation_config = large.generation_config
 
     @property
     def device(self) -> torch.device:
         return self.large.device
+
+    def use_int8_head(self) -> None:
+        """Draft through a per-channel int8 copy of the head (bild.quantize): the head dominates a draft step on a
+        CPU. Only the drafter's proposals change; the large model keeps its fp32 head, so exactness is unaffected.
+        Teacher-forced ``forward`` (training, agreement) keeps the fp32 head."""
+        self.draft_head = int8_copy(self.large.lm_head)
 
     def get_input_embeddings(self) -> nn.Module:
         return self.large.get_input_embeddings()
@@ -172,7 +180,7 @@ class SharedStack:
                               self.cache, mask_layer=self.k)
         self.upper_tokens += length - self.upper_len
         self.upper_len = length
-        return self._head(hidden, keep)
+        return self._head(hidden, keep, self.model.large.lm_head)
 
     def run_exit(self, length: int, keep: int) -> torch.Tensor:
         """The exit block (if any) over stored positions [exit_len, length); norm and head on the last ``keep``."""
@@ -180,11 +188,12 @@ class SharedStack:
         if self.exit_cache is not None:
             hidden = self._layers([self.model.exit_block], hidden, self.exit_len, self.exit_cache, mask_layer=0)
         self.exit_len = length
-        return self._head(hidden, keep)
+        draft_head = self.model.draft_head
+        return self._head(hidden, keep, self.model.large.lm_head if draft_head is None else draft_head)
 
-    def _head(self, hidden: torch.Tensor, keep: int) -> torch.Tensor:
-        """The shared output layer on the last ``keep`` positions only (it is the costly part): (keep, vocab)."""
-        return self.model.large.lm_head(self.base.norm(hidden[0, -keep:]))
+    def _head(self, hidden: torch.Tensor, keep: int, head: nn.Module) -> torch.Tensor:
+        """The final norm and output layer on the last ``keep`` positions only (the costly part): (keep, vocab)."""
+        return head(self.base.norm(hidden[0, -keep:]))
 
     def crop(self, length: int) -> None:
         """Forget positions from ``length`` on, in every part, once."""
@@ -279,6 +288,8 @@ def untrained_exit(large: LoadedModel | None, layer: str) -> LoadedModel:
         model = EarlyExitModel(large.model, exit_layer)
     except ValueError as error:
         raise ModelLoadError(str(error)) from None
+    if model.device.type == "cpu":
+        model.use_int8_head()
     return early_exit_model(large, model, f"{FAMILY}:{exit_layer}")
 
 
@@ -299,8 +310,10 @@ def save_exit(model: EarlyExitModel, spec: ExitSpec, report: dict, out_dir: Path
     return path
 
 
-def load_exit(large: LoadedModel | None = None, weights_dir: Path = WEIGHTS_DIR, stem: str = SHIPPED_FILE) -> LoadedModel:
-    """The shipped trained exit of the default large model, rebuilt on the (given or freshly loaded) large model."""
+def load_exit(large: LoadedModel | None = None, weights_dir: Path = WEIGHTS_DIR, stem: str = SHIPPED_FILE,
+              int8_head: bool = True) -> LoadedModel:
+    """The shipped trained exit of the default large model, rebuilt on the (given or freshly loaded) large model;
+    on a CPU it drafts through an int8 copy of the head (``int8_head``), like the little models."""
     weights, meta_path = weights_dir / f"{stem}.safetensors", weights_dir / f"{stem}.json"
     if not weights.is_file() or not meta_path.is_file():
         raise ModelLoadError(f"early-exit weights {weights} are missing; train them with `bild early-exit train`")
@@ -314,7 +327,10 @@ def load_exit(large: LoadedModel | None = None, weights_dir: Path = WEIGHTS_DIR,
     state = {name: tensor.float() for name, tensor in load_file(weights).items()}
     block.load_state_dict(state)
     block.eval()
-    return early_exit_model(large, EarlyExitModel(large.model, meta["exit_layer"], block), SHIPPED_NAME)
+    model = EarlyExitModel(large.model, meta["exit_layer"], block)
+    if int8_head and model.device.type == "cpu":
+        model.use_int8_head()
+    return early_exit_model(large, model, SHIPPED_NAME)
 
 
 def exit_for(large: LoadedModel, small: LoadedModel | None = None) -> LoadedModel:

@@ -200,8 +200,7 @@ def check_same_vocabulary(large: LoadedModel, small: LoadedModel) -> None:
         small_id = getattr(small.tokenizer, attribute, None)
         if large_id != small_id:
             problems.append(f"{attribute}: large {large_id}, small {small_id}")
-    large_rows = large.model.get_output_embeddings().weight.shape[0]
-    small_rows = small.model.get_output_embeddings().weight.shape[0]
+    large_rows, small_rows = _output_rows(large.model), _output_rows(small.model)
     if min(large_rows, small_rows) < max(large_size, small_size):
         problems.append(f"output layer rows: large {large_rows}, small {small_rows}")
     if not problems and large_size == small_size:
@@ -215,6 +214,12 @@ def check_same_vocabulary(large: LoadedModel, small: LoadedModel) -> None:
         raise VocabularyMismatchError(
             f"small model {small.name!r} and large model {large.name!r} do not share a vocabulary: " + "; ".join(problems)
         )
+
+
+def _output_rows(model) -> int:
+    """Rows of the output layer; an int8 (dynamically quantized) head has ``out_features`` but no weight tensor."""
+    head = model.get_output_embeddings()
+    return head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
 
 
 def _load_builtin_registrations() -> None:

@@ -22,7 +22,13 @@ def quantize_output_layer(model: PreTrainedModel) -> PreTrainedModel:
     The input embedding is left alone (it may be shared with a large model), so the head is untied from it first.
     Only for inference on a CPU; train or save the model before calling this.
     """
-    head = model.get_output_embeddings()
+    model.set_output_embeddings(int8_copy(model.get_output_embeddings()))
+    model.config.tie_word_embeddings = False  # keep transformers from tying the quantized head back
+    return model
+
+
+def int8_copy(head: torch.nn.Module) -> torch.nn.Module:
+    """A per-channel dynamic-int8 copy of a Linear output layer; the original (maybe a shared embedding) is untouched."""
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"cannot quantize an output layer of type {type(head).__name__}")
     plain = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
@@ -32,9 +38,6 @@ def quantize_output_layer(model: PreTrainedModel) -> PreTrainedModel:
             plain.bias.copy_(head.bias)
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; it works as is
         warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(
+        return torch.ao.quantization.quantize_dynamic(
             torch.nn.Sequential(plain), {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8
         )[0]
-    model.set_output_embeddings(quantized)
-    model.config.tie_word_embeddings = False  # keep transformers from tying the quantized head back
-    return model
