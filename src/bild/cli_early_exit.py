@@ -56,6 +56,14 @@ def register(subparsers) -> None:
     cost.add_argument("--rounds", type=int, default=5, help="interleaved rounds, min taken (default: %(default)s)")
     cost.add_argument("--threads", type=int, help="torch CPU threads")
     cost.set_defaults(func=_cmd_cost)
+    agree = commands.add_parser("agreement", help="held-out top-1 agreement of drafters with the large model, same records")
+    agree.add_argument("--small", default="smollm2-early-exit,smollm2-little",
+                       help="comma-separated drafters (default: %(default)s)")
+    agree.add_argument("--calibration", type=Path, default=Path("build/little/calibration.jsonl"),
+                       help="calibration JSONL; held out: prompt index %% 10 == 0 (default: %(default)s)")
+    agree.add_argument("--max-records", type=int, default=100, help="first N held-out records (default: %(default)s)")
+    agree.add_argument("--threads", type=int, help="torch CPU threads")
+    agree.set_defaults(func=_cmd_agreement)
 
 
 def _threads(args) -> None:
@@ -107,3 +115,26 @@ def _cmd_cost(args: argparse.Namespace) -> None:
     costs = measure_step_costs(large, drafters, steps=args.steps, rounds=args.rounds)
     print(json.dumps({"ms_per_step": costs,
                       "cost_ratio": {name: costs[name] / costs["large"] for name in drafters}}, indent=2))
+
+
+def _cmd_agreement(args: argparse.Namespace) -> None:
+    from bild.align import agreement, read_calibration
+    from bild.cli import UsageError
+    from bild.early_exit_train import ExitTrainConfig
+    from bild.little_train import split_by_index
+    from bild.models import DEFAULT_LARGE, load_model
+
+    _threads(args)
+    config = ExitTrainConfig()
+    records = [record for record in read_calibration(args.calibration) if record.output_ids]
+    heldout = split_by_index(records, config.heldout_every)[1][: args.max_records]
+    if not heldout:
+        raise UsageError(f"no held-out records in {args.calibration}")
+    try:
+        large = load_model(DEFAULT_LARGE)
+        drafters = {name: load_model(name, large=large) for name in args.small.split(",")}
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    tokens = sum(min(len(r.output_ids), config.train.max_target_tokens) for r in heldout)
+    result = {name: agreement(drafter, heldout, config.train) for name, drafter in drafters.items()}
+    print(json.dumps({"heldout_records": len(heldout), "heldout_tokens": tokens, "agreement": result}, indent=2))

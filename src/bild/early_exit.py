@@ -80,7 +80,7 @@ class EarlyExitModel(nn.Module):
     def use_int8_head(self) -> None:
         """Draft through a per-channel int8 copy of the head (bild.quantize): the head dominates a draft step on a
         CPU. Only the drafter's proposals change; the large model keeps its fp32 head, so exactness is unaffected.
-        Teacher-forced ``forward`` (training, agreement) keeps the fp32 head."""
+        Teacher-forced ``forward`` uses it too in eval mode (agreement), and the fp32 head in train mode."""
         self.draft_head = int8_copy(self.large.lm_head)
 
     def get_input_embeddings(self) -> nn.Module:
@@ -106,7 +106,8 @@ class EarlyExitModel(nn.Module):
         if self.exit_block is not None:
             hidden = self.exit_block(hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rope)
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.large.lm_head(base.norm(hidden[:, keep]))  # (batch, kept, vocab)
+        head = self.draft_head if self.draft_head is not None and not self.training else self.large.lm_head
+        logits = head(base.norm(hidden[:, keep]))  # (batch, kept, vocab)
         return CausalLMOutputWithPast(logits=logits)
 
 
