@@ -70,3 +70,18 @@ def test_little_model_round_trip_and_assisted_generation(tmp_path):
     greedy = large.model.generate(**prompt, max_new_tokens=8, do_sample=False)
     assisted = large.model.generate(**prompt, max_new_tokens=8, do_sample=False, assistant_model=loaded.model)
     assert torch.equal(greedy, assisted)
+
+
+@pytest.mark.slow
+def test_shipped_little_models_load_by_name_and_fit_the_budget():
+    from bild.little import WEIGHTS_DIR
+    from bild.models import check_same_vocabulary, load_model
+
+    total = sum((WEIGHTS_DIR / f"{v}.safetensors").stat().st_size for v in ("aligned", "unaligned"))
+    assert total <= 32e6
+    large = load_model("smollm2-135m-instruct")
+    for name in ("smollm2-little", "smollm2-little-unaligned"):
+        little = load_model(name, large=large)
+        check_same_vocabulary(large, little)
+        assert little.name == name and little.model.config.num_hidden_layers == 2
+        assert little.model.model.embed_tokens is large.model.model.embed_tokens
