@@ -111,7 +111,8 @@ def _cmd_generate(args: argparse.Namespace) -> None:
                    "stats": result.stats.as_dict(), "method": "bild" if bild_available else "vanilla"}
         if vanilla is not None:
             payload["vanilla"] = {"text": vanilla.text, "token_ids": vanilla.token_ids, "stats": vanilla.stats.as_dict(),
-                                  "speedup": vanilla.stats.wall_time_s / result.stats.wall_time_s}
+                                  "speedup": vanilla.stats.wall_time_s / result.stats.wall_time_s,
+                                  "speedup_per_token": _per_token_speedup(result, vanilla)}
         print(json.dumps(payload, indent=2))
         return
     if not args.stream:
@@ -120,9 +121,19 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         print("\n--- vanilla (large model alone) ---")
         print(vanilla.text)
         print(f"\n{_summary(result)}")
-        print(f"speedup over vanilla: {vanilla.stats.wall_time_s / result.stats.wall_time_s:.2f}x "
-              f"(BiLD {result.stats.wall_time_s:.2f} s, vanilla {vanilla.stats.wall_time_s:.2f} s, same run); "
-              f"identical output: {result.token_ids == vanilla.token_ids}")
+        print(_speed_line(result, vanilla))
+
+
+def _per_token_speedup(result: GenerationResult, vanilla: GenerationResult) -> float:
+    """Vanilla seconds per token / BiLD seconds per token: fair when the two texts differ in length."""
+    return (vanilla.stats.wall_time_s / max(vanilla.stats.new_tokens, 1)) / (result.stats.wall_time_s / max(result.stats.new_tokens, 1))
+
+
+def _speed_line(result: GenerationResult, vanilla: GenerationResult) -> str:
+    return (f"BiLD {result.stats.new_tokens} tokens in {result.stats.wall_time_s:.2f} s, vanilla {vanilla.stats.new_tokens} "
+            f"tokens in {vanilla.stats.wall_time_s:.2f} s (same run): {vanilla.stats.wall_time_s / result.stats.wall_time_s:.2f}x "
+            f"faster per request, {_per_token_speedup(result, vanilla):.2f}x per token; "
+            f"same text as vanilla: {result.token_ids == vanilla.token_ids}")
 
 
 def _print_stream(chunks) -> GenerationResult:
@@ -160,6 +171,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     if engine.pair.small is not None:
         engine.generate_ids(prompts[0], warm)
     total_bild = total_vanilla = 0.0
+    tokens_bild = tokens_vanilla = 0
     for prompt, ids in zip(DEMO_PROMPTS, prompts):
         print(f"\n>>> {prompt}")
         vanilla = engine.vanilla_ids(ids, config)
@@ -170,13 +182,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         result = engine.generate_ids(ids, config)
         total_bild += result.stats.wall_time_s
         total_vanilla += vanilla.stats.wall_time_s
+        tokens_bild += result.stats.new_tokens
+        tokens_vanilla += vanilla.stats.new_tokens
         print(result.text)
         print(f"[{_summary(result)}]")
-        print(f"[speedup over vanilla: {vanilla.stats.wall_time_s / result.stats.wall_time_s:.2f}x; "
-              f"same text as vanilla: {result.token_ids == vanilla.token_ids}]")
+        print(f"[{_speed_line(result, vanilla)}]")
     if total_bild:
-        print(f"\noverall speedup (sum of vanilla times / sum of BiLD times, this run): {total_vanilla / total_bild:.2f}x "
-              f"at fallback {config.fallback_threshold}, rollback {config.rollback_threshold}")
+        per_token = (total_vanilla / tokens_vanilla) / (total_bild / tokens_bild)
+        print(f"\noverall, this run, at fallback {config.fallback_threshold}, rollback {config.rollback_threshold}: "
+              f"sum of vanilla times / sum of BiLD times = {total_vanilla / total_bild:.2f}x; per token {per_token:.2f}x")
 
 
 def build_parser() -> argparse.ArgumentParser:
