@@ -42,6 +42,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, small_default: str | No
 
     parser.add_argument("--large", default=DEFAULT_LARGE, help="large model: a name, local directory or HF id (default: %(default)s)")
     parser.add_argument("--small", default=small_default, help="small model: a name, local directory or HF id (default: %(default)s)")
+    parser.add_argument("--early-exit-layer", type=int, metavar="K",
+                        help="draft with the large model's own first K layers (same as --small early-exit:K)")
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -223,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "early_exit_layer", None) is not None:  # one spelling for every subcommand with --small
+        args.small = f"early-exit:{args.early_exit_layer}"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # transformers' weight-loading bars and advisories are noise on a command line
         import transformers
