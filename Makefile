@@ -28,7 +28,7 @@ test: setup
 	$(PY) -m pytest -q
 
 little: setup
-	$(VENV)/bin/bild little --out src/bild/weights 2>&1 | tee docs/little-model.log
+	bash -o pipefail -c '$(VENV)/bin/bild little --out src/bild/weights 2>&1 | tee docs/little-model.log'
 
 clean:
 	rm -rf $(VENV)
