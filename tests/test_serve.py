@@ -201,6 +201,8 @@ def test_stop_string_cuts_text_and_generation(client):
     response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, stop=[stop, "never-there"])
     assert response.choices[0].text == expected and response.choices[0].finish_reason == "stop"
     assert response.usage.completion_tokens < 12
+    stats = response.model_extra["bild"]["stats"]  # statistics up to the stop, not null
+    assert stats["new_tokens"] == response.usage.completion_tokens and stats["large_passes"] >= 1
     chunks = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, stop=stop, stream=True)
     assert "".join(chunk.choices[0].text for chunk in chunks) == expected
 

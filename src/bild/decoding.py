@@ -30,6 +30,7 @@ Prompt = str | list[dict]
 class StreamChunk:
     text: str  # new final text since the previous chunk
     token_ids: list[int]  # new final token ids since the previous chunk
+    stats: GenerationStats  # the request's statistics so far (every token counted in them is final)
     result: GenerationResult | None = None  # set on the last chunk only
 
 
@@ -142,29 +143,16 @@ class BiLD:
             text = self.decode(final_ids)
             if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for the rest
                 continue
-            chunk = StreamChunk(text=text[len(emitted_text) :], token_ids=final_ids[len(emitted_ids) :])
-            emitted_ids, emitted_text = list(final_ids), text
-            if chunk.token_ids:
-                yield chunk
+            new_ids = final_ids[len(emitted_ids) :]
+            if new_ids:
+                yield StreamChunk(text[len(emitted_text) :], new_ids, _stats(run, decoders, start))
+                emitted_ids, emitted_text = list(final_ids), text
         output = run.tokens[run.output_start :]
         text = self.decode(output)
         finish: FinishReason = "stop" if output and output[-1] in self.eos_ids else "length"
-        small_decoder, large_decoder = decoders.get("small"), decoders.get("large")
-        stats = GenerationStats(
-            new_tokens=len(output),
-            small_tokens_kept=len(run.written_by_small),
-            large_tokens=len(output) - len(run.written_by_small),
-            small_tokens_drafted=run.small_drafted,
-            tokens_discarded=run.discarded,
-            large_passes=large_decoder.calls if large_decoder else 0,
-            fallbacks=run.fallbacks,
-            rollbacks=run.rollbacks,
-            small_time_s=small_decoder.time_s if small_decoder else 0.0,
-            large_time_s=large_decoder.time_s if large_decoder else 0.0,
-            wall_time_s=time.perf_counter() - start,
-        )
+        stats = _stats(run, decoders, start)
         result = GenerationResult(token_ids=output, text=text, finish_reason=finish, stats=stats)
-        yield StreamChunk(text=text[len(emitted_text) :], token_ids=output[len(emitted_ids) :], result=result)
+        yield StreamChunk(text[len(emitted_text) :], output[len(emitted_ids) :], stats, result=result)
 
     def _finished(self, run: _Run, config: BiLDConfig) -> bool:
         """EOS written, max_new_tokens reached, or the context is full."""
@@ -242,6 +230,25 @@ class BiLD:
             run.tokens.append(pick(large_logits[-1], config.sampling, generator))
         run.small_run = 0
         run.checked = len(run.tokens)
+
+
+def _stats(run: _Run, decoders: dict[str, CachedDecoder], start: float) -> GenerationStats:
+    """The statistics of a run so far (called where every output token is final)."""
+    small, large = decoders.get("small"), decoders.get("large")
+    new_tokens = run.num_new
+    return GenerationStats(
+        new_tokens=new_tokens,
+        small_tokens_kept=len(run.written_by_small),
+        large_tokens=new_tokens - len(run.written_by_small),
+        small_tokens_drafted=run.small_drafted,
+        tokens_discarded=run.discarded,
+        large_passes=large.calls if large else 0,
+        fallbacks=run.fallbacks,
+        rollbacks=run.rollbacks,
+        small_time_s=small.time_s if small else 0.0,
+        large_time_s=large.time_s if large else 0.0,
+        wall_time_s=time.perf_counter() - start,
+    )
 
 
 def _context_length(loaded: LoadedModel) -> int | None:

@@ -44,7 +44,7 @@ class Finished:
     text: str  # the whole answer, cut at the first stop string
     finish_reason: FinishReason
     completion_tokens: int
-    stats: GenerationStats | None  # None when a stop string ended the generation before the engine's last chunk
+    stats: GenerationStats | None  # up to the last chunk used (a stop string can end the generation early)
 
 
 @dataclass(frozen=True)
@@ -199,12 +199,14 @@ class GenerationWorker:
         scanner = StopScanner(job.stops)
         completion_tokens = 0
         result = None
+        stats = None
         chunks = self.engine.stream(job.prompt, job.config, chat=job.chat)
         try:
             for chunk in chunks:
                 if job.cancelled.is_set():
                     return
                 completion_tokens += len(chunk.token_ids)
+                stats = chunk.stats
                 if text := scanner.feed(chunk.text):
                     job.put(TextDelta(text))
                 if scanner.stopped:
@@ -218,6 +220,6 @@ class GenerationWorker:
         if rest := scanner.flush():  # the held-back tail: no stop string came
             job.put(TextDelta(rest))
         if scanner.stopped or result is None:
-            job.put(Finished(scanner.text, "stop", completion_tokens, result.stats if result else None))
+            job.put(Finished(scanner.text, "stop", completion_tokens, stats))
         else:
             job.put(Finished(scanner.text, result.finish_reason, len(result.token_ids), result.stats))
