@@ -142,3 +142,17 @@ def prompt_ids(seed: int, length: int) -> list[int]:
 @pytest.fixture(params=["llama", "t5", "bart"])
 def family(request) -> str:
     return request.param
+
+
+def watch_large_passes(monkeypatch, on_pass) -> None:
+    """Call on_pass(run, large, small, rolled_back) after every large pass of any BiLD engine (a test probe)."""
+    from bild.decoding import BiLD
+
+    original_verify = BiLD._verify
+
+    def verify_and_watch(self, run, config, large, small, generator, finished):
+        before = run.rollbacks
+        original_verify(self, run, config, large, small, generator, finished)
+        on_pass(run, large, small, run.rollbacks > before)
+
+    monkeypatch.setattr(BiLD, "_verify", verify_and_watch)

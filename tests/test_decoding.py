@@ -11,7 +11,7 @@ from bild.config import BiLDConfig, SamplingConfig
 from bild.decoding import BiLD
 from bild.models import ModelPair
 
-from conftest import make_pair, prompt_ids
+from conftest import make_pair, prompt_ids, watch_large_passes
 
 LENGTHS = [1, 7, 33]
 
@@ -111,19 +111,16 @@ def test_cropped_caches_match_recomputed(family, monkeypatch):
     pair = make_pair(family)
     engine = BiLD(pair)
     checked = []
-    original_verify = BiLD._verify
 
-    def verify_and_check(self, run, config, large, small, generator, finished):
-        before = run.rollbacks
-        original_verify(self, run, config, large, small, generator, finished)
-        if run.rollbacks > before:
+    def check(run, large, small, rolled_back):
+        if rolled_back:
             assert large.cache_length() == large.seen and small.cache_length() == small.seen
             for decoder in (large, small):
                 cached = _next_logits_from_cache(decoder, run.tokens)
                 torch.testing.assert_close(cached, _fresh_logits(decoder, run.tokens), rtol=1e-4, atol=1e-3)
             checked.append(run.rollbacks)
 
-    monkeypatch.setattr(BiLD, "_verify", verify_and_check)
+    watch_large_passes(monkeypatch, check)
     for seed in range(4):
         engine.generate_ids(prompt_ids(seed, 6), BiLDConfig(fallback_threshold=0.0, rollback_threshold=0.5, max_new_tokens=30))
     assert len(checked) >= 3
@@ -206,13 +203,7 @@ def test_no_model_recomputes_a_cached_token(family, monkeypatch):
     monkeypatch.setattr(CachedDecoder, "forward", counting_forward)
     monkeypatch.setattr(CachedDecoder, "crop", counting_crop)
     seen_at_end = {}
-    original_verify = BiLD._verify
-
-    def remember(self, run, config, large, small, generator, finished):
-        original_verify(self, run, config, large, small, generator, finished)
-        seen_at_end.update({id(large): large, id(small): small})
-
-    monkeypatch.setattr(BiLD, "_verify", remember)
+    watch_large_passes(monkeypatch, lambda run, large, small, _: seen_at_end.update({id(large): large, id(small): small}))
     result = BiLD(make_pair(family)).generate_ids(prompt_ids(2, 6), BiLDConfig(fallback_threshold=0.0, rollback_threshold=0.5, max_new_tokens=30))
     assert result.stats.rollbacks > 0 and len(seen_at_end) == 2
     for key, decoder in seen_at_end.items():

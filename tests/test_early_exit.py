@@ -11,7 +11,7 @@ from bild.decoding import BiLD
 from bild.early_exit import EarlyExitModel, early_exit_model, make_exit_block, shared_decoders
 from bild.models import ModelLoadError, ModelPair, load_model
 
-from conftest import loaded, make_pair, prompt_ids, tiny_llama, tiny_tokenizer
+from conftest import loaded, make_pair, prompt_ids, tiny_llama, tiny_tokenizer, watch_large_passes
 from test_decoding import hf_greedy
 
 LAYERS = 4
@@ -130,19 +130,16 @@ def test_rollback_crops_every_part_once(block, monkeypatch):
     pair = early_exit_pair(block=block)
     engine = BiLD(pair)
     checked = []
-    original_verify = BiLD._verify
 
-    def verify_and_check(self, run, config, large, small, generator, finished):
-        before = run.rollbacks
-        original_verify(self, run, config, large, small, generator, finished)
+    def check(run, large, small, rolled_back):
         _assert_invariants(large.stack)
-        if run.rollbacks > before:
+        if rolled_back:
             position = len(run.tokens) - 1  # everything after the replacement token was cropped
             assert large.seen == position and large.stack.lower_len == position
             assert small.seen <= position
             checked.append(position)
 
-    monkeypatch.setattr(BiLD, "_verify", verify_and_check)
+    watch_large_passes(monkeypatch, check)
     for seed in range(4):
         engine.generate_ids(prompt_ids(seed, 6), BiLDConfig(fallback_threshold=0.0, rollback_threshold=0.5, max_new_tokens=30))
     assert len(checked) >= 3
