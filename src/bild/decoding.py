@@ -94,7 +94,9 @@ class BiLD:
         return self.generate_ids(self.encode(prompt, chat), config)
 
     def generate_ids(self, prompt_ids: list[int], config: BiLDConfig = BiLDConfig()) -> GenerationResult:
-        return _last(self.stream_ids(prompt_ids, config))
+        if self.pair.small is None:
+            raise ValueError("BiLD needs a small model; this pair has only a large one (use vanilla)")
+        return _last(self._stream(prompt_ids, config, self._bild_steps, chunks=False))
 
     def stream(self, prompt: Prompt, config: BiLDConfig = BiLDConfig(), chat: bool | None = None) -> Iterator[StreamChunk]:
         """Yield text once the large model has checked it; closing the iterator stops generation."""
@@ -110,7 +112,7 @@ class BiLD:
         return self.vanilla_ids(self.encode(prompt, chat), config)
 
     def vanilla_ids(self, prompt_ids: list[int], config: BiLDConfig = BiLDConfig()) -> GenerationResult:
-        return _last(self.stream_vanilla_ids(prompt_ids, config))
+        return _last(self._stream(prompt_ids, config, partial(self._single_steps, "large"), chunks=False))
 
     def stream_vanilla_ids(self, prompt_ids: list[int], config: BiLDConfig = BiLDConfig()) -> Iterator[StreamChunk]:
         return self._stream(prompt_ids, config, partial(self._single_steps, "large"))
@@ -122,11 +124,14 @@ class BiLD:
     def small_only_ids(self, prompt_ids: list[int], config: BiLDConfig = BiLDConfig()) -> GenerationResult:
         if self.pair.small is None:
             raise ValueError("this pair has no small model")
-        return _last(self._stream(prompt_ids, config, partial(self._single_steps, "small")))
+        return _last(self._stream(prompt_ids, config, partial(self._single_steps, "small"), chunks=False))
 
     # ---- the loops -----------------------------------------------------------------------------------------
-    def _stream(self, prompt_ids: list[int], config: BiLDConfig, steps) -> Iterator[StreamChunk]:
-        """Drive a step generator (which yields after every large pass) and turn final tokens into text chunks."""
+    def _stream(self, prompt_ids: list[int], config: BiLDConfig, steps, chunks: bool = True) -> Iterator[StreamChunk]:
+        """Drive a step generator (which yields after every large pass) and turn final tokens into text chunks.
+
+        chunks=False: only the closing chunk with the result (no detokenizing on the way, for non-streamed calls).
+        """
         start = time.perf_counter()
         large_model = self.pair.large
         if large_model.is_encoder_decoder:
@@ -139,6 +144,8 @@ class BiLD:
         emitted_ids: list[int] = []
         emitted_text = ""
         for _ in steps(run, config, generator, decoders, prompt_ids):
+            if not chunks:
+                continue
             final_ids = run.tokens[run.output_start : run.checked]
             text = self.decode(final_ids)
             if text.endswith("\ufffd"):  # an unfinished multi-byte character: wait for the rest
