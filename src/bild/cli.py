@@ -105,8 +105,10 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     except ValueError as error:
         raise UsageError(str(error)) from error
     bild_available = engine.pair.small is not None
-    run = engine.stream_ids if bild_available else engine.stream_vanilla_ids
-    result = _print_stream(run(prompt_ids, config)) if args.stream else _last_result(run(prompt_ids, config))
+    if args.stream:
+        result = _print_stream((engine.stream_ids if bild_available else engine.stream_vanilla_ids)(prompt_ids, config))
+    else:
+        result = (engine.generate_ids if bild_available else engine.vanilla_ids)(prompt_ids, config)
     vanilla = engine.vanilla_ids(prompt_ids, config) if args.compare else None
     if args.json:
         payload = {"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
@@ -145,13 +147,6 @@ def _print_stream(chunks) -> GenerationResult:
         sys.stdout.flush()
         result = chunk.result or result
     sys.stdout.write("\n")
-    return result
-
-
-def _last_result(chunks) -> GenerationResult:
-    result = None
-    for chunk in chunks:
-        result = chunk.result or result
     return result
 
 
@@ -241,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into e.g. `head`, which closed early
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
