@@ -46,6 +46,16 @@ def test_prompts_are_seeded_prefix_stable_and_train_only():
     assert all(example.prompt and example.reference for example in many)
 
 
+def test_more_prompts_than_docstrings_ask_again_about_the_same_docstrings():
+    from bild.little import build_prompts
+
+    first_round = build_prompts(10**6, seed=0, max_rounds=1)  # one prompt per training docstring
+    more = build_prompts(len(first_round) + 50, seed=0)
+    assert more[: len(first_round)] == first_round  # still prefix-stable across rounds
+    assert len(more) == len(first_round) + 50
+    assert {example.source for example in more[len(first_round) :]} <= {example.source for example in first_round}
+
+
 @pytest.mark.slow
 def test_little_model_round_trip_and_assisted_generation(tmp_path):
     from bild.little import build_little, load_little, own_state, save_little

@@ -79,18 +79,24 @@ def _example(doc: Docstring, rng: random.Random, max_chars: int) -> PromptExampl
                          _first_sentence(paragraph), name)
 
 
-def build_prompts(count: int, seed: int = 0, max_chars: int = 700) -> list[PromptExample]:
-    """``count`` prompts from distinct docstrings of the training stdlib modules (never the eval-reserved ones)."""
+def build_prompts(count: int, seed: int = 0, max_chars: int = 700, max_rounds: int = 3) -> list[PromptExample]:
+    """``count`` prompts from the docstrings of the training stdlib modules (never the eval-reserved ones).
+
+    The first round gives one prompt per docstring (3,333 with Python 3.13's stdlib); when more are asked for, later
+    rounds ask about the same docstrings again with a freshly drawn prompt kind. Prefix-stable: the first n prompts
+    are the same for every ``count`` >= n, so a calibration file can grow by resuming.
+    """
     rng = random.Random(seed)
     docs = list(iter_docstrings(split="train", min_chars=80))
     rng.shuffle(docs)
     examples: list[PromptExample] = []
-    for doc in docs:
-        example = _example(doc, rng, max_chars)
-        if example is not None:
-            examples.append(example)
-        if len(examples) == count:
-            break
+    for _ in range(max_rounds):
+        for doc in docs:
+            if len(examples) == count:
+                break
+            example = _example(doc, rng, max_chars)
+            if example is not None:
+                examples.append(example)
     logger.info("built %d prompts from %d training docstrings", len(examples), len(docs))
     return examples
 

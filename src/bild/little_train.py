@@ -37,11 +37,11 @@ logger = logging.getLogger(__name__)
 class LittleConfig:
     """Everything `make little` does, with the values the shipped weights were built with."""
 
-    prompts: int = 1040  # instruction prompts built from training-split stdlib docstrings
+    prompts: int = 3333  # instruction prompts: one per training-split stdlib docstring (more: second round of kinds)
     heldout_every: int = 10  # prompts 0, 10, 20, ... are kept out of training and give the agreement figures
     init_layers: tuple[int, ...] = (0, 1)  # large-model layers the little model's layers start from
     seed: int = 0
-    calibration: CalibrationConfig = CalibrationConfig(max_new_tokens=96, batch_size=16, top_k=16, max_input_tokens=320)
+    calibration: CalibrationConfig = CalibrationConfig(max_new_tokens=96, batch_size=48, top_k=16, max_input_tokens=320)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=6.0, batch_size=8, learning_rate=3e-3, kl_weight=0.0, max_prompt_tokens=192, max_target_tokens=96))
 
