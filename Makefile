@@ -28,7 +28,12 @@ test: setup
 	$(PY) -m pytest -q
 
 little: setup
-	bash -o pipefail -c '$(VENV)/bin/bild little --out src/bild/weights 2>&1 | tee docs/little-model.log'
+	mkdir -p build/little
+	TQDM_MININTERVAL=60 bash -o pipefail -c '$(VENV)/bin/bild little --calibration-only --threads 2 2>&1 | tee build/little/make-calibration.log'
+	TQDM_MININTERVAL=60 bash -c '$(VENV)/bin/bild little --variants unaligned --threads 1 > build/little/make-unaligned.log 2>&1 & \
+	  pid=$$!; $(VENV)/bin/bild little --variants aligned --threads 1 > build/little/make-aligned.log 2>&1; status=$$?; \
+	  wait $$pid && test $$status -eq 0'
+	cat build/little/make-calibration.log build/little/make-unaligned.log build/little/make-aligned.log | tr '\r' '\n' > docs/little-model.log
 
 clean:
 	rm -rf $(VENV)

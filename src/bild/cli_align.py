@@ -54,6 +54,8 @@ def register(subparsers) -> None:
     little.add_argument("--work-dir", type=Path, default=Path("build/little"), help="calibration data (default: %(default)s)")
     little.add_argument("--prompts", type=int, help="number of prompts (default: LittleConfig.prompts)")
     little.add_argument("--variants", default="aligned,unaligned", help="comma-separated (default: %(default)s)")
+    little.add_argument("--calibration-only", action="store_true",
+                        help="only generate the calibration data (then train variants in separate processes)")
     little.add_argument("--epochs", type=float, help="training epochs (default: LittleConfig's)")
     little.add_argument("--kl-weight", type=float, help="token-level distillation weight (default: LittleConfig's)")
     little.add_argument("--learning-rate", type=float, help="AdamW peak (default: LittleConfig's)")
@@ -134,6 +136,8 @@ def run_little(args: argparse.Namespace) -> int:
         variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())
         if not variants or set(variants) - {"aligned", "unaligned"}:
             raise ValueError(f"--variants must be 'aligned', 'unaligned' or both, got {args.variants!r}")
+        if args.calibration_only:
+            variants = ()
         report = build_default_little(args.out, args.work_dir, config, variants)
     except ValueError as error:
         return _fail("little", str(error))

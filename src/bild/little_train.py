@@ -43,7 +43,7 @@ class LittleConfig:
     seed: int = 0
     calibration: CalibrationConfig = CalibrationConfig(max_new_tokens=96, batch_size=48, top_k=16, max_input_tokens=320)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=6.0, batch_size=8, learning_rate=3e-3, kl_weight=0.0, max_prompt_tokens=192, max_target_tokens=96))
+        epochs=4.0, batch_size=8, learning_rate=3e-3, kl_weight=0.0, max_prompt_tokens=192, max_target_tokens=96))
 
 
 @dataclass(frozen=True)
