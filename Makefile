@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/bild demo
+	$(VENV)/bin/bild demo --fallback-threshold 0.2 --rollback-threshold 7  # the default pair's tuned thresholds (docs/eval.md)
 
 test: setup
 	$(PY) -m pytest -q

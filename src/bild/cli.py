@@ -186,7 +186,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         print(f"[{_speed_line(result, vanilla)}]")
     if total_bild:
         per_token = (total_vanilla / tokens_vanilla) / (total_bild / tokens_bild)
-        print(f"\noverall, this run, at fallback {config.fallback_threshold}, rollback {config.rollback_threshold}: "
+        print(f"\noverall, this run, at fallback {config.fallback_threshold}, rollback {config.rollback_threshold}, "
+              f"N {config.max_small_steps}: "
               f"sum of vanilla times / sum of BiLD times = {total_vanilla / total_bild:.2f}x; per token {per_token:.2f}x")
 
 
