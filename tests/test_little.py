@@ -95,3 +95,19 @@ def test_shipped_little_models_load_by_name_and_fit_the_budget():
         check_same_vocabulary(large, little)
         assert little.name == name and little.model.config.num_hidden_layers == 2
         assert little.model.model.embed_tokens is large.model.model.embed_tokens
+
+
+@pytest.mark.slow
+def test_bild_little_calibration_only_writes_calibration_and_no_weights(tmp_path):
+    import json
+
+    from bild.cli import main
+
+    out, work = tmp_path / "weights", tmp_path / "work"
+    code = main(["little", "--calibration-only", "--prompts", "2", "--out", str(out), "--work-dir", str(work)])
+    assert code == 0
+    records = [json.loads(line) for line in (work / "calibration.jsonl").read_text().splitlines()]
+    assert sorted(record["index"] for record in records) == [0, 1]
+    assert all(record["output_ids"] for record in records)
+    assert not list(out.glob("*.safetensors"))  # the variants are trained by separate runs
+    assert json.loads((out / "little-report.json").read_text())["variants"] == []
