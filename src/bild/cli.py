@@ -116,7 +116,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         if vanilla is not None:
             payload["vanilla"] = {"text": vanilla.text, "token_ids": vanilla.token_ids, "stats": vanilla.stats.as_dict(),
                                   "speedup": vanilla.stats.wall_time_s / result.stats.wall_time_s,
-                                  "speedup_per_token": _per_token_speedup(result, vanilla)}
+                                  "speedup_per_token": _result_speedup_per_token(result, vanilla)}
         print(json.dumps(payload, indent=2))
         return
     if not args.stream:
@@ -128,15 +128,20 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         print(_speed_line(result, vanilla))
 
 
-def _per_token_speedup(result: GenerationResult, vanilla: GenerationResult) -> float:
+def _per_token_speedup(bild_s: float, bild_tokens: int, vanilla_s: float, vanilla_tokens: int) -> float:
     """Vanilla seconds per token / BiLD seconds per token: fair when the two texts differ in length."""
-    return (vanilla.stats.wall_time_s / max(vanilla.stats.new_tokens, 1)) / (result.stats.wall_time_s / max(result.stats.new_tokens, 1))
+    return (vanilla_s / max(vanilla_tokens, 1)) / (bild_s / max(bild_tokens, 1))
+
+
+def _result_speedup_per_token(result: GenerationResult, vanilla: GenerationResult) -> float:
+    return _per_token_speedup(result.stats.wall_time_s, result.stats.new_tokens,
+                              vanilla.stats.wall_time_s, vanilla.stats.new_tokens)
 
 
 def _speed_line(result: GenerationResult, vanilla: GenerationResult) -> str:
     return (f"BiLD {result.stats.new_tokens} tokens in {result.stats.wall_time_s:.2f} s, vanilla {vanilla.stats.new_tokens} "
             f"tokens in {vanilla.stats.wall_time_s:.2f} s (same run): {vanilla.stats.wall_time_s / result.stats.wall_time_s:.2f}x "
-            f"faster per request, {_per_token_speedup(result, vanilla):.2f}x per token; "
+            f"faster per request, {_result_speedup_per_token(result, vanilla):.2f}x per token; "
             f"same text as vanilla: {result.token_ids == vanilla.token_ids}")
 
 
@@ -185,7 +190,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         print(f"[{_summary(result)}]")
         print(f"[{_speed_line(result, vanilla)}]")
     if total_bild:
-        per_token = (total_vanilla / tokens_vanilla) / (total_bild / tokens_bild)
+        per_token = _per_token_speedup(total_bild, tokens_bild, total_vanilla, tokens_vanilla)
         print(f"\noverall, this run, at fallback {config.fallback_threshold}, rollback {config.rollback_threshold}, "
               f"N {config.max_small_steps}: "
               f"sum of vanilla times / sum of BiLD times = {total_vanilla / total_bild:.2f}x; per token {per_token:.2f}x")
