@@ -56,6 +56,23 @@ def test_more_prompts_than_docstrings_ask_again_about_the_same_docstrings():
     assert {example.source for example in more[len(first_round) :]} <= {example.source for example in first_round}
 
 
+def test_held_out_docstrings_stay_held_out_in_every_round():
+    from bild.align import CalibrationRecord
+    from bild.little import build_prompts, prompts_per_round
+    from bild.little_train import split_by_index
+
+    per_round = prompts_per_round()
+    examples = build_prompts(2 * per_round, seed=0)
+    records = [CalibrationRecord(index, example.prompt, [1], [2]) for index, example in enumerate(examples)]
+    train, heldout = split_by_index(records, heldout_every=10)
+    assert len(train) + len(heldout) == len(records)
+    assert [record.index for record in heldout[:3]] == [0, 10, 20]  # round one: unchanged by the second round
+    train_sources = {examples[record.index].source for record in train}
+    heldout_sources = {examples[record.index].source for record in heldout}
+    assert not train_sources & heldout_sources  # no held-out docstring is ever trained on
+    assert len(heldout) == 2 * len(heldout_sources)
+
+
 @pytest.mark.slow
 def test_little_model_round_trip_and_assisted_generation(tmp_path):
     from bild.little import build_little, load_little, own_state, save_little

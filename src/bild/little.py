@@ -11,6 +11,7 @@ model's greedy outputs) and ``smollm2-little-unaligned`` (trained on the real te
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import random
@@ -99,6 +100,13 @@ def build_prompts(count: int, seed: int = 0, max_chars: int = 700, max_rounds: i
                 examples.append(example)
     logger.info("built %d prompts from %d training docstrings", len(examples), len(docs))
     return examples
+
+
+@functools.lru_cache(maxsize=None)
+def prompts_per_round(seed: int = 0) -> int:
+    """How many prompts one round of :func:`build_prompts` gives: prompt ``i`` is about the same docstring as ``i``
+    plus any multiple of this (3,333 with Python 3.13's stdlib)."""
+    return len(build_prompts(10**9, seed=seed, max_rounds=1))
 
 
 # ---------------------------------------------------------------------------------------------------- the model

@@ -26,7 +26,9 @@ from bild.align import (
     finetune,
     generate_calibration,
 )
-from bild.little import PromptExample, build_little, build_prompts, measure_decode_cost, save_little
+from bild.little import (
+    PromptExample, build_little, build_prompts, measure_decode_cost, prompts_per_round, save_little,
+)
 from bild.models import DEFAULT_LARGE, LoadedModel, load_model
 from bild.textsource import LICENSE
 
@@ -38,7 +40,7 @@ class LittleConfig:
     """Everything `make little` does, with the values the shipped weights were built with."""
 
     prompts: int = 3333  # instruction prompts: one per training-split stdlib docstring (more: second round of kinds)
-    heldout_every: int = 10  # prompts 0, 10, 20, ... are kept out of training and give the agreement figures
+    heldout_every: int = 10  # docstrings 0, 10, 20, ... (every round's prompts on them) give the agreement figures
     init_layers: tuple[int, ...] = (0, 1)  # large-model layers the little model's layers start from
     seed: int = 0
     calibration: CalibrationConfig = CalibrationConfig(max_new_tokens=96, batch_size=48, top_k=16, max_input_tokens=320)
@@ -83,7 +85,7 @@ def reference_records(large: LoadedModel, examples: list[PromptExample], config:
     """
     records = []
     for index, example in enumerate(examples):
-        if index % config.heldout_every == 0:
+        if is_heldout(index, config.heldout_every):
             continue
         prompt_ids = encode_prompt(large, example.prompt, config.calibration.max_input_tokens)
         target = large.tokenizer(example.reference, add_special_tokens=False)["input_ids"]
@@ -92,10 +94,19 @@ def reference_records(large: LoadedModel, examples: list[PromptExample], config:
     return records
 
 
+def is_heldout(index: int, heldout_every: int) -> bool:
+    """Prompt ``index`` is held out when its docstring's first-round position is a multiple of ``heldout_every``.
+
+    By docstring, not by prompt: a later round's prompt about a held-out docstring stays held out, so no held-out text
+    is ever trained on. Stable when ``--prompts`` changes.
+    """
+    return index % prompts_per_round() % heldout_every == 0
+
+
 def split_by_index(records: list[CalibrationRecord], heldout_every: int) -> tuple[list, list]:
-    """Held out: prompts whose index is a multiple of ``heldout_every`` (stable when ``--prompts`` changes)."""
-    train = [record for record in records if record.index % heldout_every != 0]
-    heldout = [record for record in records if record.index % heldout_every == 0]
+    """(train, held-out) records, split by :func:`is_heldout`."""
+    train = [record for record in records if not is_heldout(record.index, heldout_every)]
+    heldout = [record for record in records if is_heldout(record.index, heldout_every)]
     return train, heldout
 
 
