@@ -203,11 +203,11 @@ class DecodeCost:
 def _decode_step_ms(model: torch.nn.Module, prompt: torch.Tensor, steps: int) -> float:
     """Mean time of one greedy single-token step after a prefill of ``prompt`` (1, prompt_len)."""
     out = model(input_ids=prompt, use_cache=True)
-    cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)  # token: (1, 1)
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)  # token: (1, 1)
     started = time.perf_counter()
     for _ in range(steps):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(input_ids=token, cache=cache, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
     return (time.perf_counter() - started) * 1000 / steps
 
 
