@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from bild import BiLD, BiLDConfig, load_pair
 from bild.align import CalibrationRecord, batch_logits, make_batch
+from bild.eval.datasets import load_dataset
 from bild.little_train import LittleConfig
 
-DOCSUM = Path(__file__).resolve().parents[1] / "src" / "bild" / "data" / "docsum.jsonl"
-TEMPLATE = "Summarize in one sentence:\n{source}"  # the docsum set's default template
 PASS_WIDTHS = range(1, 12)  # a lossless cycle's large pass covers the drafts plus the token before them
 
 
@@ -85,12 +82,12 @@ def measure_pass_ms(model: torch.nn.Module, widths: range, rounds: int = 7, pref
     return {width: statistics.median(values) for width, values in times.items()}
 
 
-def teacher_forced_positions(engine: BiLD, sources: list[str], max_new_tokens: int) -> list[list[Position]]:
+def teacher_forced_positions(engine: BiLD, prompts: list[str], max_new_tokens: int) -> list[list[Position]]:
     """The large model's greedy outputs, and the little model's confidence and hit at each of their positions."""
     small = engine.pair.small
     outputs = []
-    for source in sources:
-        prompt_ids = engine.encode(TEMPLATE.replace("{source}", source))
+    for prompt in prompts:
+        prompt_ids = engine.encode(prompt)
         output_ids = engine.vanilla_ids(prompt_ids, BiLDConfig(max_new_tokens=max_new_tokens)).token_ids
         batch = make_batch(small, [CalibrationRecord(0, "", prompt_ids, output_ids)], LittleConfig().train)
         with torch.no_grad():
@@ -112,13 +109,13 @@ def main() -> None:
 
     engine = BiLD(load_pair(small=args.small))
     pass_ms = measure_pass_ms(engine.pair.large.model, PASS_WIDTHS)
-    small_ms = statistics.median(measure_pass_ms(engine.pair.small.model, range(1, 2)).values())
+    small_ms = measure_pass_ms(engine.pair.small.model, range(1, 2))[1]
     print("large pass over k tokens, ms (median of 7, interleaved): "
           + ", ".join(f"k={k}: {ms:.1f} ({ms / pass_ms[1]:.2f}x)" for k, ms in pass_ms.items()))
     print(f"little step: {small_ms:.1f} ms ({small_ms / pass_ms[1]:.1%} of a one-token large pass)")
 
-    rows = [json.loads(line) for line in DOCSUM.read_text(encoding="utf-8").splitlines()[: args.limit]]
-    outputs = teacher_forced_positions(engine, [row["source"] for row in rows], args.max_new_tokens)
+    docsum = load_dataset("docsum", limit=args.limit)
+    outputs = teacher_forced_positions(engine, [docsum.prompt(e) for e in docsum.examples], args.max_new_tokens)
     positions = [position for output in outputs for position in output]
     sure = [position for position in positions if position.small_confidence >= 0.6]
     print(f"docsum, {len(outputs)} examples, {len(positions)} output tokens: little model agrees on "

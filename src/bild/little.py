@@ -103,10 +103,10 @@ def build_prompts(count: int, seed: int = 0, max_chars: int = 700, max_rounds: i
 
 
 @functools.lru_cache(maxsize=None)
-def prompts_per_round(seed: int = 0) -> int:
+def prompts_per_round() -> int:
     """How many prompts one round of :func:`build_prompts` gives: prompt ``i`` is about the same docstring as ``i``
-    plus any multiple of this (3,333 with Python 3.13's stdlib)."""
-    return len(build_prompts(10**9, seed=seed, max_rounds=1))
+    plus any multiple of this (3,333 with Python 3.13's stdlib; the seed only reorders, so any seed counts)."""
+    return len(build_prompts(10**9, max_rounds=1))
 
 
 # ---------------------------------------------------------------------------------------------------- the model

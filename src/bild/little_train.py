@@ -105,8 +105,9 @@ def is_heldout(index: int, heldout_every: int) -> bool:
 
 def split_by_index(records: list[CalibrationRecord], heldout_every: int) -> tuple[list, list]:
     """(train, held-out) records, split by :func:`is_heldout`."""
-    train = [record for record in records if not is_heldout(record.index, heldout_every)]
-    heldout = [record for record in records if is_heldout(record.index, heldout_every)]
+    train, heldout = [], []
+    for record in records:
+        (heldout if is_heldout(record.index, heldout_every) else train).append(record)
     return train, heldout
 
 
