@@ -128,3 +128,37 @@ def test_bild_little_calibration_only_writes_calibration_and_no_weights(tmp_path
     assert all(record["output_ids"] for record in records)
     assert not list(out.glob("*.safetensors"))  # the variants are trained by separate runs
     assert json.loads((out / "little-report.json").read_text())["variants"] == []
+
+
+def test_low_rank_little_trains_only_deltas_and_merges_into_an_ordinary_llama(tmp_path):
+    from conftest import loaded, tiny_llama, tiny_tokenizer
+    from safetensors.torch import load_file, save_file
+
+    from bild.little import LowRankDelta, build_little, merge_low_rank, own_state
+
+    large = loaded("large", tiny_llama(0, layers=4), tiny_tokenizer())
+    little = build_little(large, (0, 3), delta_rank=2)
+    assert little.model.model.embed_tokens is large.model.model.embed_tokens
+    ids = torch.tensor([[2, 5, 9, 14, 30, 7]])
+    with torch.no_grad():
+        untrained = little.model(ids).logits
+        for module in little.model.modules():
+            if isinstance(module, LowRankDelta):
+                module.up.normal_(std=0.1)  # stands in for training: a non-zero delta
+        trained = little.model(ids).logits
+    assert not torch.allclose(untrained, trained)
+    trainable = {name for name, p in little.model.named_parameters()
+                 if p.requires_grad and not name.startswith(("model.embed_tokens", "lm_head"))}  # frozen by finetune
+    assert trainable and all(name.endswith((".down", ".up")) or "norm" in name for name in trainable)
+    stored = own_state(little)
+    assert not any(".base." in name for name in stored)  # the frozen copies of the large layers are not stored
+    save_file(stored, tmp_path / "little.safetensors")
+
+    rebuilt = build_little(large, (0, 3), delta_rank=2)
+    rebuilt.model.load_state_dict({k: v.float() for k, v in load_file(tmp_path / "little.safetensors").items()},
+                                  strict=False)
+    merge_low_rank(rebuilt)
+    assert not any(isinstance(module, LowRankDelta) for module in rebuilt.model.modules())
+    assert all(type(layer.mlp.up_proj) is torch.nn.Linear for layer in rebuilt.model.model.layers)
+    with torch.no_grad():
+        assert torch.allclose(rebuilt.model(ids).logits, trained, atol=2e-2)  # fp16 storage of the deltas

@@ -44,6 +44,9 @@ def test_matching_vocabularies_pass():
         (["generate", "  "], "prompt is empty"),
         (["generate", "--large", "/no/such/model", "hi"], "does not exist"),
         (["generate", "--large", "./no-such-dir", "hi"], "does not exist"),
+        (["little", "--init-layers", "0,30"], "from 0 to 29"),
+        (["little", "--init-layers", "zero"], "comma-separated layer numbers"),
+        (["little", "--delta-rank", "-1"], "--delta-rank"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys):

@@ -59,6 +59,10 @@ def register(subparsers) -> None:
     little.add_argument("--epochs", type=float, help="training epochs (default: LittleConfig's)")
     little.add_argument("--kl-weight", type=float, help="token-level distillation weight (default: LittleConfig's)")
     little.add_argument("--learning-rate", type=float, help="AdamW peak (default: LittleConfig's)")
+    little.add_argument("--init-layers", help="comma-separated large-model layers to start from (default: LittleConfig's)")
+    little.add_argument("--delta-rank", type=int,
+                        help="train low-rank deltas of this rank on frozen copies of the layers; 0 trains the layers "
+                             "themselves (default: LittleConfig's)")
     little.add_argument("--max-train-minutes", type=float, help="safety stop per variant on a busy machine")
     little.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription on a busy machine)")
     little.set_defaults(func=run_little)
@@ -116,6 +120,17 @@ def run_align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _layer_list(text: str) -> tuple[int, ...]:
+    """'0,6,12' -> (0, 6, 12); the default large model has layers 0..29."""
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--init-layers takes comma-separated layer numbers, got {text!r}") from None
+    if not layers or not all(0 <= layer < 30 for layer in layers):
+        raise ValueError(f"--init-layers takes layer numbers from 0 to 29, got {text!r}")
+    return layers
+
+
 def run_little(args: argparse.Namespace) -> int:
     from bild.little_train import LittleConfig, build_default_little
 
@@ -131,6 +146,12 @@ def run_little(args: argparse.Namespace) -> int:
             config = replace(config, train=replace(config.train, kl_weight=args.kl_weight))
         if args.learning_rate is not None:
             config = replace(config, train=replace(config.train, learning_rate=args.learning_rate))
+        if args.init_layers is not None:
+            config = replace(config, init_layers=_layer_list(args.init_layers))
+        if args.delta_rank is not None:
+            if args.delta_rank < 0:
+                raise ValueError(f"--delta-rank must be >= 0, got {args.delta_rank}")
+            config = replace(config, delta_rank=args.delta_rank)
         if args.max_train_minutes is not None:
             config = replace(config, train=replace(config.train, max_minutes=args.max_train_minutes))
         variants = tuple(v.strip() for v in args.variants.split(",") if v.strip())

@@ -14,6 +14,7 @@ import copy
 import functools
 import json
 import logging
+import math
 import random
 import re
 import time
@@ -112,11 +113,53 @@ def prompts_per_round() -> int:
 # ---------------------------------------------------------------------------------------------------- the model
 
 
-def build_little(large: LoadedModel, init_layers: tuple[int, ...]) -> LoadedModel:
+class LowRankDelta(torch.nn.Module):
+    """A frozen linear layer plus a trainable low-rank delta: ``y = x W^T + (x D^T) U^T`` (LoRA, Hu et al. 2021).
+
+    Written here rather than taken from peft: all the little models need is to train the delta and then merge it into
+    a plain ``nn.Linear`` at load time, so the result stays an ordinary LlamaForCausalLM (and an assistant_model).
+    """
+
+    def __init__(self, base: torch.nn.Linear, rank: int):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))  # (rank, in)
+        self.up = torch.nn.Parameter(torch.zeros(base.out_features, rank))  # (out, rank): the delta starts at zero
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.down.T) @ self.up.T
+
+    def merged(self) -> torch.nn.Linear:
+        with torch.no_grad():
+            self.base.weight += self.up @ self.down
+        return self.base
+
+
+def _linear_slots(model: LlamaForCausalLM):
+    """(parent module, attribute name) of every linear layer inside the decoder layers (attention and MLP)."""
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, (torch.nn.Linear, LowRankDelta)):
+                    yield parent, name
+
+
+def merge_low_rank(model: LoadedModel) -> LoadedModel:
+    """Fold every low-rank delta into its linear layer (in place): an ordinary LlamaForCausalLM again."""
+    for parent, name in _linear_slots(model.model):
+        child = getattr(parent, name)
+        if isinstance(child, LowRankDelta):
+            setattr(parent, name, child.merged().requires_grad_(True))
+    return model
+
+
+def build_little(large: LoadedModel, init_layers: tuple[int, ...], delta_rank: int = 0) -> LoadedModel:
     """A LlamaForCausalLM with ``len(init_layers)`` decoder layers copied from the large model's ``init_layers``.
 
     The embedding module and the tied head are the large model's own objects (shared, not copied); the final norm is
-    copied from the large model and trainable.
+    copied from the large model and trainable. ``delta_rank`` > 0 freezes the copied linear layers and gives each a
+    trainable low-rank delta of that rank (:class:`LowRankDelta`): only the deltas and the norms are then trained
+    and stored, so more layers fit the same storage budget.
     """
     source = large.model
     if not isinstance(source, LlamaForCausalLM):
@@ -134,6 +177,9 @@ def build_little(large: LoadedModel, init_layers: tuple[int, ...]) -> LoadedMode
     model.model.norm = copy.deepcopy(source.model.norm)
     model.model.rotary_emb = copy.deepcopy(source.model.rotary_emb)
     model.generation_config = copy.deepcopy(source.generation_config)
+    if delta_rank > 0:
+        for parent, name in _linear_slots(model):
+            setattr(parent, name, LowRankDelta(getattr(parent, name), delta_rank))
     model.eval()
     return LoadedModel(f"little{list(init_layers)}", model, large.tokenizer, False, large.is_chat)
 
@@ -143,15 +189,22 @@ def own_state(model: LoadedModel) -> dict[str, torch.Tensor]:
     return {
         name: tensor.detach().to(torch.float16).contiguous()
         for name, tensor in model.model.state_dict().items()
-        if not name.startswith(("model.embed_tokens", "lm_head"))
+        if not name.startswith(("model.embed_tokens", "lm_head")) and not _is_frozen_copy(name)
     }
 
 
-def save_little(model: LoadedModel, variant: str, init_layers: tuple[int, ...], report: dict, out_dir: Path) -> Path:
+def _is_frozen_copy(name: str) -> bool:
+    """A linear weight under a low-rank delta: the large model's own, rebuilt at load time, never stored."""
+    return ".base." in name
+
+
+def save_little(model: LoadedModel, variant: str, init_layers: tuple[int, ...], report: dict, out_dir: Path,
+                delta_rank: int = 0) -> Path:
     """``<variant>.safetensors`` (fp16, only the little model's own weights) and ``<variant>.json`` (how to rebuild)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(own_state(model), out_dir / f"{variant}.safetensors", metadata={"format": "pt"})
-    meta = {"variant": variant, "large": DEFAULT_LARGE, "init_layers": list(init_layers), "report": report}
+    meta = {"variant": variant, "large": DEFAULT_LARGE, "init_layers": list(init_layers), "delta_rank": delta_rank,
+            "report": report}
     (out_dir / f"{variant}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir / f"{variant}.safetensors"
 
@@ -171,11 +224,13 @@ def load_little(
     if large.model.config.hidden_size != 576 or large.model.config.vocab_size != 49152:
         raise ModelLoadError(f"the little models are built for {DEFAULT_LARGE}; large model {large.name!r} differs")
     meta = json.loads(meta_path.read_text())
-    little = build_little(large, tuple(meta["init_layers"]))
+    little = build_little(large, tuple(meta["init_layers"]), meta.get("delta_rank", 0))
     state = {name: tensor.float() for name, tensor in load_file(weights).items()}
     missing, unexpected = little.model.load_state_dict(state, strict=False)
-    if unexpected or any(not name.startswith(("model.embed_tokens", "lm_head")) for name in missing):
+    if unexpected or any(not (name.startswith(("model.embed_tokens", "lm_head")) or _is_frozen_copy(name))
+                         for name in missing):
         raise ModelLoadError(f"{weights} does not match the little architecture (missing {missing}, extra {unexpected})")
+    merge_low_rank(little)
     if int8_head and little.model.device.type == "cpu":
         quantize_output_layer(little.model)
     name = next(name for name, v in VARIANTS.items() if v == variant)

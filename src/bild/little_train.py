@@ -27,7 +27,7 @@ from bild.align import (
     generate_calibration,
 )
 from bild.little import (
-    PromptExample, build_little, build_prompts, measure_decode_cost, prompts_per_round, save_little,
+    PromptExample, build_little, build_prompts, measure_decode_cost, merge_low_rank, prompts_per_round, save_little,
 )
 from bild.models import DEFAULT_LARGE, LoadedModel, load_model
 from bild.textsource import LICENSE
@@ -42,6 +42,7 @@ class LittleConfig:
     prompts: int = 3333  # instruction prompts: one per training-split stdlib docstring (more: second round of kinds)
     heldout_every: int = 10  # docstrings 0, 10, 20, ... (every round's prompts on them) give the agreement figures
     init_layers: tuple[int, ...] = (0, 1)  # large-model layers the little model's layers start from
+    delta_rank: int = 0  # > 0: those layers stay frozen and only low-rank deltas of this rank (and norms) are trained
     seed: int = 0
     calibration: CalibrationConfig = CalibrationConfig(max_new_tokens=96, batch_size=48, top_k=16, max_input_tokens=320)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -114,14 +115,14 @@ def split_by_index(records: list[CalibrationRecord], heldout_every: int) -> tupl
 def evaluate_and_save(large: LoadedModel, variant: str, little: LoadedModel, result: TrainResult, train_size: int,
                       heldout: list[CalibrationRecord], config: LittleConfig, out_dir: Path) -> VariantReport:
     """Held-out agreement of the untrained initialisation and of the trained model; save weights and report."""
-    before = agreement(build_little(large, config.init_layers), heldout, config.train)
+    before = agreement(build_little(large, config.init_layers, config.delta_rank), heldout, config.train)
     after = agreement(little, heldout, config.train)
     logger.info("%s: agreement %.3f -> %.3f (%d steps, %.0f s)", variant, before, after, result.steps, result.seconds)
     report = VariantReport(variant, train_size, result.train_tokens, result.steps, result.first_loss,
                            result.final_loss, result.seconds, before, after, 0.0)
-    path = save_little(little, variant, config.init_layers, asdict(report), out_dir)
+    path = save_little(little, variant, config.init_layers, asdict(report), out_dir, config.delta_rank)
     report = replace(report, weights_mb=round(path.stat().st_size / 1e6, 2))
-    save_little(little, variant, config.init_layers, asdict(report), out_dir)
+    save_little(little, variant, config.init_layers, asdict(report), out_dir, config.delta_rank)
     return report
 
 
@@ -139,7 +140,7 @@ def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = L
     trained: dict[str, tuple[LoadedModel, TrainResult, int]] = {}
     if "unaligned" in variants:
         real_text = reference_records(large, examples, config)
-        little = build_little(large, config.init_layers)
+        little = build_little(large, config.init_layers, config.delta_rank)
         trained["unaligned"] = (little, finetune(little, real_text, config.train), len(real_text))
     started = time.perf_counter()
     records = generate_calibration(large, [e.prompt for e in examples], work_dir / "calibration.jsonl",
@@ -148,11 +149,11 @@ def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = L
     records = [record for record in records if record.output_ids]
     train_records, heldout = split_by_index(records, config.heldout_every)
     if "aligned" in variants:
-        little = build_little(large, config.init_layers)
+        little = build_little(large, config.init_layers, config.delta_rank)
         trained["aligned"] = (little, finetune(little, train_records, config.train), len(train_records))
     for variant, (little, result, size) in sorted(trained.items()):
         evaluate_and_save(large, variant, little, result, size, heldout, config, out_dir)
-    cost = measure_decode_cost(large, build_little(large, config.init_layers))
+    cost = measure_decode_cost(large, merge_low_rank(build_little(large, config.init_layers, config.delta_rank)))
     report = LittleReport(
         config=json.loads(json.dumps(asdict(config))),
         text_source=f"docstrings of the Python standard library ({LICENSE}); eval-reserved modules excluded",
