@@ -97,6 +97,17 @@ def test_calibration_resumes_where_it_stopped(tmp_path):
     assert len(read_calibration(path)) == 20
 
 
+def test_calibration_file_for_other_prompts_is_refused(tmp_path):
+    large = tiny_llama(2, 0, tiny_tokenizer(), "large")
+    path = tmp_path / "c.jsonl"
+    generate_calibration(large, random_prompts(5), path, CALIBRATION)
+    before = path.read_text()
+    other = random_prompts(5)[:2] + ["w9 w9 w9"] + random_prompts(5)[3:]
+    with pytest.raises(AlignInputError, match="1 records differ .* the first at index 2"):
+        generate_calibration(large, other, path, CALIBRATION)
+    assert path.read_text() == before  # nothing appended, nothing lost
+
+
 def test_token_level_distillation_runs(tmp_path):
     tokenizer = tiny_tokenizer()
     large, small = tiny_llama(2, 0, tokenizer, "large"), tiny_llama(1, 1, tokenizer, "small")

@@ -178,6 +178,12 @@ def generate_calibration(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     _drop_torn_tail(out_path)
     done = {record.index: record for record in read_calibration(out_path) if record.index < len(prompts)}
+    stale = [index for index, record in done.items() if record.prompt != prompts[index]]
+    if stale:
+        raise AlignInputError(
+            f"{out_path} was made for other prompts ({len(stale)} records differ from the prompt at their index, "
+            f"the first at index {stale[0]}; another input file, or another Python's stdlib docstrings): move it "
+            "away or choose another work directory")
     encoded = [(i, encode_prompt(large, p, config.max_input_tokens)) for i, p in enumerate(prompts) if i not in done]
     encoded = _length_sorted_windows(encoded, window=16 * config.batch_size)
     if done:
