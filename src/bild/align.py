@@ -389,9 +389,7 @@ def finetune(small: LoadedModel, records: Sequence[CalibrationRecord], config: T
     rng = random.Random(config.seed)
     steps = max(1, math.ceil(config.epochs * len(records) / config.batch_size))
     params = trainable_parameters(small, config.freeze_embeddings)
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    warmup = max(1, int(config.warmup_fraction * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, steps))
+    optimizer, schedule = make_optimizer(params, config, steps)
     small.model.train()
     losses, tokens, started = [], 0, time.perf_counter()
     bar = tqdm(_batches(records, config.batch_size, rng, steps), total=steps, desc="fine-tune")
@@ -402,11 +400,7 @@ def finetune(small: LoadedModel, records: Sequence[CalibrationRecord], config: T
             break
         batch = make_batch(small, batch_records, config)
         loss = batch_loss(batch_logits(small, batch), batch, config.kl_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer_step(loss, params, optimizer, schedule)
         losses.append(loss.item())
         tokens += int((batch.targets != IGNORE).sum())
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
@@ -414,6 +408,24 @@ def finetune(small: LoadedModel, records: Sequence[CalibrationRecord], config: T
     logger.info("fine-tuned %d steps in %.0f s, loss %.3f -> %.3f", len(losses), time.perf_counter() - started,
                 _mean(losses[:10]), _mean(losses[-10:]))
     return TrainResult(len(losses), tokens, _mean(losses[:10]), _mean(losses[-10:]), time.perf_counter() - started)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], config: TrainConfig, steps: int
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW at the config's peak rate, linear warm-up then cosine decay to 10% over ``steps``."""
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup = max(1, int(config.warmup_fraction * steps))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, warmup, steps))
+
+
+def optimizer_step(loss: torch.Tensor, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                   schedule: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Backward, clip the gradient norm to 1, step, advance the learning-rate schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    schedule.step()
 
 
 def _lr_factor(step: int, warmup: int, total: int) -> float:
