@@ -162,3 +162,22 @@ def test_low_rank_little_trains_only_deltas_and_merges_into_an_ordinary_llama(tm
     assert all(type(layer.mlp.up_proj) is torch.nn.Linear for layer in rebuilt.model.model.layers)
     with torch.no_grad():
         assert torch.allclose(rebuilt.model(ids).logits, trained, atol=2e-2)  # fp16 storage of the deltas
+
+
+def test_committed_calibration_data_matches_the_prompts_it_was_made_for():
+    import gzip
+    import json
+    import sys
+    from pathlib import Path
+
+    from bild.align import CalibrationRecord
+    from bild.little import build_prompts
+
+    path = Path(__file__).parent.parent / "data" / "little-calibration.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as source:
+        records = [CalibrationRecord(**json.loads(line)) for line in source]
+    assert [record.index for record in records] == list(range(3333))
+    assert all(record.output_ids and len(record.output_ids) <= 96 for record in records)
+    if sys.version_info[:2] != (3, 11):
+        pytest.skip("made from Python 3.11's stdlib docstrings; another version builds other prompts")
+    assert [record.prompt for record in records] == [example.prompt for example in build_prompts(3333)]
