@@ -77,21 +77,31 @@ def test_held_out_docstrings_stay_held_out_in_every_round():
 def test_little_model_round_trip_and_assisted_generation(tmp_path):
     from bild.little import build_little, load_little, own_state, save_little
     from bild.models import load_model
+    from bild.quantize import DraftHead
 
     large = load_model("smollm2-135m-instruct")
     little = build_little(large, (0, 1))
     assert little.model.model.embed_tokens is large.model.model.embed_tokens  # shared, not copied
     assert little.model.lm_head.weight.data_ptr() == large.model.model.embed_tokens.weight.data_ptr()
     assert all(tensor.dtype == torch.float16 for tensor in own_state(little).values())
-    save_little(little, "aligned", (0, 1), {}, tmp_path)
-    assert (tmp_path / "aligned.safetensors").stat().st_size < 16e6
-    exact = load_little("aligned", large, weights_dir=tmp_path, int8_head=False)
-    loaded = load_little("aligned", large, weights_dir=tmp_path)  # the shipped form: int8 copy of the head
     ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 282, 260, 1345, 314, 1071, 28, 339, 4567, 30, 253]])
     with torch.inference_mode():
-        expected, got, quantized = little.model(ids).logits, exact.model(ids).logits, loaded.model(ids).logits
+        expected = little.model(ids).logits  # (1, 16, vocab)
+    draft_vocab = torch.cat([expected[0].topk(200, dim=-1).indices.flatten(), torch.arange(2000)]).unique()
+    save_little(little, "aligned", (0, 1), {}, tmp_path, draft_vocab=draft_vocab)
+    assert (tmp_path / "aligned.safetensors").stat().st_size < 16e6
+    exact = load_little("aligned", large, weights_dir=tmp_path, int8=False)
+    loaded = load_little("aligned", large, weights_dir=tmp_path)  # the shipped form: int8 layers and draft head
+    assert isinstance(loaded.model.lm_head, DraftHead) and torch.equal(loaded.model.lm_head.draft_vocab, draft_vocab)
+    with torch.inference_mode():
+        got, quantized = exact.model(ids).logits, loaded.model(ids).logits
     assert torch.allclose(expected, got, atol=0.05)  # fp16 storage
-    assert (quantized.argmax(-1) == expected.argmax(-1)).float().mean() >= 0.9
+    # untrained layers give near-ties, so ask only that int8 drafting picks one of the fp32 model's top 5
+    top5 = expected.topk(5, dim=-1).indices  # (1, 16, 5)
+    assert (top5 == quantized.argmax(-1, keepdim=True)).any(-1).float().mean() >= 0.9
+    outside = torch.ones(quantized.shape[-1], dtype=torch.bool)
+    outside[draft_vocab] = False
+    assert torch.isneginf(quantized[..., outside]).all()  # tokens outside the draft vocabulary are never drafted
     assert large.model.lm_head.weight.dtype == torch.float32  # the large model keeps its fp32 head
     prompt = large.tokenizer("The Python standard library", return_tensors="pt")
     greedy = large.model.generate(**prompt, max_new_tokens=8, do_sample=False)
@@ -101,8 +111,9 @@ def test_little_model_round_trip_and_assisted_generation(tmp_path):
 
 @pytest.mark.slow
 def test_shipped_little_models_load_by_name_and_fit_the_budget():
-    from bild.little import WEIGHTS_DIR
+    from bild.little import WEIGHTS_DIR, load_little
     from bild.models import check_same_vocabulary, load_model
+    from bild.quantize import DraftHead
 
     total = sum((WEIGHTS_DIR / f"{v}.safetensors").stat().st_size for v in ("aligned", "unaligned"))
     assert total <= 32e6
@@ -112,6 +123,14 @@ def test_shipped_little_models_load_by_name_and_fit_the_budget():
         check_same_vocabulary(large, little)
         assert little.name == name and little.model.config.num_hidden_layers == 2
         assert little.model.model.embed_tokens is large.model.model.embed_tokens
+    # the trained model drafts through int8 layers and a draft head, and picks what its fp32 form picks
+    drafting = load_model("smollm2-little", large=large)
+    assert isinstance(drafting.model.lm_head, DraftHead) and len(drafting.model.lm_head.draft_vocab) == 8192
+    fp32 = load_little("aligned", large, int8=False)
+    prompt = large.tokenizer("The json module encodes Python objects as JSON text and decodes", return_tensors="pt")
+    with torch.inference_mode():
+        agree = drafting.model(**prompt).logits.argmax(-1) == fp32.model(**prompt).logits.argmax(-1)
+    assert agree.float().mean() >= 0.9
 
 
 @pytest.mark.slow
@@ -126,8 +145,7 @@ def test_bild_little_calibration_only_writes_calibration_and_no_weights(tmp_path
     records = [json.loads(line) for line in (work / "calibration.jsonl").read_text().splitlines()]
     assert sorted(record["index"] for record in records) == [0, 1]
     assert all(record["output_ids"] for record in records)
-    assert not list(out.glob("*.safetensors"))  # the variants are trained by separate runs
-    assert json.loads((out / "little-report.json").read_text())["variants"] == []
+    assert not list(out.glob("*"))  # the variants are trained by separate runs; the shipped report is left alone
 
 
 def test_low_rank_little_trains_only_deltas_and_merges_into_an_ordinary_llama(tmp_path):

@@ -1,4 +1,4 @@
-"""The int8 output layer keeps a draft model's choices and leaves BiLD exact."""
+"""int8 drafting (output layer, draft vocabulary, decoder layers) keeps a draft model's choices and BiLD exact."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import torch
 from bild.config import BiLDConfig
 from bild.decoding import BiLD
 from bild.models import ModelPair
-from bild.quantize import quantize_output_layer
+import pytest
+
+from bild.quantize import DraftHead, draft_vocabulary, quantize_decoder_layers, quantize_output_layer
 
 from conftest import loaded, make_pair, prompt_ids, tiny_llama, tiny_tokenizer
 
@@ -37,6 +39,52 @@ def test_bild_with_an_int8_draft_head_is_still_exact():
         config = BiLDConfig(fallback_threshold=0.2, rollback_threshold=0.0, max_new_tokens=25)
         assert engine.generate_ids(ids, config).token_ids == engine.vanilla_ids(ids, config).token_ids
     # and it still works as transformers' assistant model
+    ids = torch.tensor([prompt_ids(0, 6)])
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0)
+    assisted = pair.large.model.generate(ids, assistant_model=small, **kwargs)
+    assert assisted.tolist() == pair.large.model.generate(ids, **kwargs).tolist()
+
+
+def test_draft_vocabulary_ranks_targets_then_context_and_keeps_the_always_ids():
+    targets = [[5, 5, 5, 7, 7, 9], [7, 3]]  # 5 and 7 three times, then 3 and 9 once (ties: lower id first)
+    context = [[11, 11, 12, 5], [12, 12]]  # 12 three times, 11 twice
+    assert draft_vocabulary(targets, 3).tolist() == [3, 5, 7]
+    assert draft_vocabulary(targets, 5, context=context).tolist() == [3, 5, 7, 9, 12]
+    assert draft_vocabulary(targets, 6, context=context, always=[0]).tolist() == [0, 3, 5, 7, 9, 11, 12]
+    with pytest.raises(ValueError, match="positive"):
+        draft_vocabulary(targets, 0)
+
+
+def test_draft_head_scores_only_its_vocabulary():
+    head = torch.nn.Linear(16, 50, bias=False)
+    keep = torch.tensor([1, 4, 9, 30, 49])
+    draft = DraftHead(head, keep)
+    hidden = torch.randn(2, 3, 16)  # (batch, seq, hidden)
+    with torch.inference_mode():
+        logits, full = draft(hidden), head(hidden)  # (2, 3, 50)
+    assert logits.shape == full.shape
+    assert torch.allclose(logits[..., keep], full[..., keep], atol=0.05)  # int8 rows
+    outside = torch.ones(50, dtype=torch.bool)
+    outside[keep] = False
+    assert torch.isneginf(logits[..., outside]).all()
+    assert torch.isin(logits.argmax(-1), keep).all()
+    for bad in (torch.tensor([], dtype=torch.long), torch.tensor([0, 50]), torch.tensor([[1, 2]])):
+        with pytest.raises(ValueError, match="draft vocabulary"):
+            DraftHead(head, bad)
+
+
+def test_bild_with_int8_layers_and_a_draft_vocabulary_is_still_exact():
+    pair = make_pair("llama")
+    small = quantize_decoder_layers(copy.deepcopy(pair.small.model))
+    vocab = small.config.vocab_size
+    quantize_output_layer(small, torch.arange(0, vocab, 2))  # half the tokens can never be drafted
+    engine = BiLD(ModelPair(large=pair.large, small=loaded("small-draft-vocab", small, tiny_tokenizer())))
+    for seed in range(3):
+        ids = prompt_ids(seed, 6)
+        config = BiLDConfig(fallback_threshold=0.1, rollback_threshold=0.0, max_small_steps=4, max_new_tokens=25)
+        result = engine.generate_ids(ids, config)
+        assert result.token_ids == engine.vanilla_ids(ids, config).token_ids
+        assert result.stats.small_tokens_drafted > 0
     ids = torch.tensor([prompt_ids(0, 6)])
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0)
     assisted = pair.large.model.generate(ids, assistant_model=small, **kwargs)

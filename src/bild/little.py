@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from bild.quantize import quantize_output_layer
+from bild.quantize import quantize_decoder_layers, quantize_output_layer
 from bild.models import DEFAULT_LARGE, LoadedModel, ModelLoadError, load_model, register_model
 from bild.textsource import Docstring, iter_docstrings, paragraphs
 
@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 VARIANTS = {"smollm2-little": "aligned", "smollm2-little-unaligned": "unaligned"}
+DRAFT_VOCAB_KEY = "draft_vocab"  # int32 token ids in a little model's safetensors (bild.quantize.DraftHead)
 
 
 # ---------------------------------------------------------------------------------------------------- prompts
@@ -199,10 +200,14 @@ def _is_frozen_copy(name: str) -> bool:
 
 
 def save_little(model: LoadedModel, variant: str, init_layers: tuple[int, ...], report: dict, out_dir: Path,
-                delta_rank: int = 0) -> Path:
-    """``<variant>.safetensors`` (fp16, only the little model's own weights) and ``<variant>.json`` (how to rebuild)."""
+                delta_rank: int = 0, draft_vocab: torch.Tensor | None = None) -> Path:
+    """``<variant>.safetensors`` (fp16, only the little model's own weights; the draft vocabulary's token ids when
+    given, see :class:`bild.quantize.DraftHead`) and ``<variant>.json`` (how to rebuild)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(own_state(model), out_dir / f"{variant}.safetensors", metadata={"format": "pt"})
+    tensors = own_state(model)
+    if draft_vocab is not None:
+        tensors[DRAFT_VOCAB_KEY] = draft_vocab.to(torch.int32).contiguous()
+    save_file(tensors, out_dir / f"{variant}.safetensors", metadata={"format": "pt"})
     meta = {"variant": variant, "large": DEFAULT_LARGE, "init_layers": list(init_layers), "delta_rank": delta_rank,
             "report": report}
     (out_dir / f"{variant}.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -210,12 +215,13 @@ def save_little(model: LoadedModel, variant: str, init_layers: tuple[int, ...], 
 
 
 def load_little(
-    variant: str, large: LoadedModel | None = None, weights_dir: Path = WEIGHTS_DIR, int8_head: bool = True
+    variant: str, large: LoadedModel | None = None, weights_dir: Path = WEIGHTS_DIR, int8: bool = True
 ) -> LoadedModel:
     """Rebuild a shipped little model on top of the (given or freshly loaded) default large model.
 
-    int8_head: give the little model a per-channel int8 copy of the shared head (see bild.quantize), which makes
-    its decode step several times cheaper on a CPU; the large model keeps the fp32 original.
+    int8 (on a CPU): per-channel int8 copies of the little model's decoder layers and of the shared head, the head
+    restricted to the draft vocabulary stored with the weights (see bild.quantize), which makes its decode step
+    several times cheaper; the large model keeps its fp32 original. False: the fp32 model as trained.
     """
     weights, meta_path = weights_dir / f"{variant}.safetensors", weights_dir / f"{variant}.json"
     if not weights.is_file() or not meta_path.is_file():
@@ -225,14 +231,17 @@ def load_little(
         raise ModelLoadError(f"the little models are built for {DEFAULT_LARGE}; large model {large.name!r} differs")
     meta = json.loads(meta_path.read_text())
     little = build_little(large, tuple(meta["init_layers"]), meta.get("delta_rank", 0))
-    state = {name: tensor.float() for name, tensor in load_file(weights).items()}
+    stored = load_file(weights)
+    draft_vocab = stored.pop(DRAFT_VOCAB_KEY, None)  # (size,) int32 token ids, absent in weights saved without one
+    state = {name: tensor.float() for name, tensor in stored.items()}
     missing, unexpected = little.model.load_state_dict(state, strict=False)
     if unexpected or any(not (name.startswith(("model.embed_tokens", "lm_head")) or _is_frozen_copy(name))
                          for name in missing):
         raise ModelLoadError(f"{weights} does not match the little architecture (missing {missing}, extra {unexpected})")
     merge_low_rank(little)
-    if int8_head and little.model.device.type == "cpu":
-        quantize_output_layer(little.model)
+    if int8 and little.model.device.type == "cpu":
+        quantize_decoder_layers(little.model)
+        quantize_output_layer(little.model, None if draft_vocab is None else draft_vocab.long())
     name = next(name for name, v in VARIANTS.items() if v == variant)
     return LoadedModel(name, little.model, large.tokenizer, False, large.is_chat)
 

@@ -27,9 +27,11 @@ from bild.align import (
     generate_calibration,
 )
 from bild.little import (
-    PromptExample, build_little, build_prompts, measure_decode_cost, merge_low_rank, prompts_per_round, save_little,
+    PromptExample, build_little, build_prompts, load_little, measure_decode_cost, merge_low_rank, prompts_per_round,
+    save_little,
 )
 from bild.models import DEFAULT_LARGE, LoadedModel, load_model
+from bild.quantize import draft_vocabulary
 from bild.textsource import LICENSE
 
 logger = logging.getLogger(__name__)
@@ -43,6 +45,7 @@ class LittleConfig:
     heldout_every: int = 10  # docstrings 0, 10, 20, ... (every round's prompts on them) give the agreement figures
     init_layers: tuple[int, ...] = (0, 1)  # large-model layers the little model's layers start from
     delta_rank: int = 0  # > 0: those layers stay frozen and only low-rank deltas of this rank (and norms) are trained
+    draft_vocab_size: int = 8192  # tokens the int8 drafting head keeps (bild.quantize.DraftHead), from training data
     seed: int = 0
     calibration: CalibrationConfig = CalibrationConfig(max_new_tokens=96, batch_size=48, top_k=16, max_input_tokens=320)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -112,17 +115,26 @@ def split_by_index(records: list[CalibrationRecord], heldout_every: int) -> tupl
     return train, heldout
 
 
-def evaluate_and_save(large: LoadedModel, variant: str, little: LoadedModel, result: TrainResult, train_size: int,
-                      heldout: list[CalibrationRecord], config: LittleConfig, out_dir: Path) -> VariantReport:
-    """Held-out agreement of the untrained initialisation and of the trained model; save weights and report."""
+def training_draft_vocabulary(large: LoadedModel, records: list[CalibrationRecord], config: LittleConfig
+                              ) -> torch.Tensor:
+    """The draft vocabulary of a variant: its training targets' most frequent tokens, then its prompts', then EOS."""
+    return draft_vocabulary((r.output_ids[: config.train.max_target_tokens] for r in records), config.draft_vocab_size,
+                            context=(r.input_ids for r in records), always=large.eos_token_ids)
+
+
+def evaluate_and_save(large: LoadedModel, variant: str, little: LoadedModel, result: TrainResult,
+                      train_records: list[CalibrationRecord], heldout: list[CalibrationRecord], config: LittleConfig,
+                      out_dir: Path) -> VariantReport:
+    """Held-out agreement of the untrained initialisation and of the trained model; save weights, vocabulary, report."""
     before = agreement(build_little(large, config.init_layers, config.delta_rank), heldout, config.train)
     after = agreement(little, heldout, config.train)
     logger.info("%s: agreement %.3f -> %.3f (%d steps, %.0f s)", variant, before, after, result.steps, result.seconds)
-    report = VariantReport(variant, train_size, result.train_tokens, result.steps, result.first_loss,
+    report = VariantReport(variant, len(train_records), result.train_tokens, result.steps, result.first_loss,
                            result.final_loss, result.seconds, before, after, 0.0)
-    path = save_little(little, variant, config.init_layers, asdict(report), out_dir, config.delta_rank)
+    vocab = training_draft_vocabulary(large, train_records, config)
+    path = save_little(little, variant, config.init_layers, asdict(report), out_dir, config.delta_rank, vocab)
     report = replace(report, weights_mb=round(path.stat().st_size / 1e6, 2))
-    save_little(little, variant, config.init_layers, asdict(report), out_dir, config.delta_rank)
+    save_little(little, variant, config.init_layers, asdict(report), out_dir, config.delta_rank, vocab)
     return report
 
 
@@ -137,11 +149,11 @@ def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = L
     torch.manual_seed(config.seed)
     large = load_model(DEFAULT_LARGE)
     examples = build_prompts(config.prompts, seed=config.seed)
-    trained: dict[str, tuple[LoadedModel, TrainResult, int]] = {}
+    trained: dict[str, tuple[LoadedModel, TrainResult, list[CalibrationRecord]]] = {}
     if "unaligned" in variants:
         real_text = reference_records(large, examples, config)
         little = build_little(large, config.init_layers, config.delta_rank)
-        trained["unaligned"] = (little, finetune(little, real_text, config.train), len(real_text))
+        trained["unaligned"] = (little, finetune(little, real_text, config.train), real_text)
     started = time.perf_counter()
     records = generate_calibration(large, [e.prompt for e in examples], work_dir / "calibration.jsonl",
                                    config.calibration)
@@ -150,10 +162,13 @@ def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = L
     train_records, heldout = split_by_index(records, config.heldout_every)
     if "aligned" in variants:
         little = build_little(large, config.init_layers, config.delta_rank)
-        trained["aligned"] = (little, finetune(little, train_records, config.train), len(train_records))
-    for variant, (little, result, size) in sorted(trained.items()):
-        evaluate_and_save(large, variant, little, result, size, heldout, config, out_dir)
-    cost = measure_decode_cost(large, merge_low_rank(build_little(large, config.init_layers, config.delta_rank)))
+        trained["aligned"] = (little, finetune(little, train_records, config.train), train_records)
+    for variant, (little, result, variant_records) in sorted(trained.items()):
+        evaluate_and_save(large, variant, little, result, variant_records, heldout, config, out_dir)
+    # as users get it (int8 drafting); with nothing trained (calibration only), the untrained fp32 architecture
+    drafter = (load_little(min(trained), large, out_dir) if trained
+               else merge_low_rank(build_little(large, config.init_layers, config.delta_rank)))
+    cost = measure_decode_cost(large, drafter)
     report = LittleReport(
         config=json.loads(json.dumps(asdict(config))),
         text_source=f"docstrings of the Python standard library ({LICENSE}); eval-reserved modules excluded",
@@ -167,8 +182,9 @@ def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = L
         decode_cost_ratio=cost.ratio,
         variants=_variant_reports(out_dir),
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "little-report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    if trained:  # a calibration-only run leaves the shipped report alone
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "little-report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
 
 

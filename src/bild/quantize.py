@@ -1,30 +1,92 @@
-"""An int8 output layer for small (draft) models.
+"""int8 drafting for small (draft) models on a CPU: decoder layers, the output layer, and a draft vocabulary.
 
-On a CPU a small model's decode step is dominated by its output layer: for SmolLM2's 49,152 x 576 head that is
-113 MB of fp32 weights read per token, several times the cost of two decoder layers. A per-channel int8 copy of
-the head (PyTorch's dynamic quantization) reads a quarter of that and, measured on this project's machine, cut
-a 2-layer draft model's step from about 23% to about 9% of the large model's step with the same argmax on the
-text we checked. A draft model only proposes tokens; the large model, left in full precision, still decides,
-so alpha_RB = 0 stays exactly the large model's greedy output.
+On a CPU a small model's decode step is dominated by reading its weights: for SmolLM2's 49,152 x 576 head that is
+113 MB of fp32 per token, several times the cost of two decoder layers. A per-channel int8 copy of the head
+(PyTorch's dynamic quantization) reads a quarter of that and, measured on this project's machine, cut a 2-layer
+draft model's step from about 23% to about 9% of the large model's step with the same argmax on the text we checked.
+A draft vocabulary (the few thousand tokens the large model actually writes, counted on training data) shrinks the
+head further, and int8 decoder layers quarter the rest. A draft model only proposes tokens; the large model, left
+in full precision, still decides, so alpha_RB = 0 stays exactly the large model's greedy output.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
+from typing import Iterable
 
 import torch
 from transformers import PreTrainedModel
 
 
-def quantize_output_layer(model: PreTrainedModel) -> PreTrainedModel:
+def quantize_output_layer(model: PreTrainedModel, draft_vocab: torch.Tensor | None = None) -> PreTrainedModel:
     """Replace the model's output layer by a per-channel dynamic-int8 copy, in place; returns the model.
 
-    The input embedding is left alone (it may be shared with a large model), so the head is untied from it first.
-    Only for inference on a CPU; train or save the model before calling this.
+    draft_vocab: token ids (1-D) the copy keeps (a :class:`DraftHead`); None keeps every row. The input embedding is
+    left alone (it may be shared with a large model), so the head is untied from it first. Only for inference on a
+    CPU; train or save the model before calling this.
     """
-    model.set_output_embeddings(int8_copy(model.get_output_embeddings()))
+    head = model.get_output_embeddings()
+    model.set_output_embeddings(int8_copy(head) if draft_vocab is None else DraftHead(head, draft_vocab))
     model.config.tie_word_embeddings = False  # keep transformers from tying the quantized head back
     return model
+
+
+def quantize_decoder_layers(model: PreTrainedModel) -> PreTrainedModel:
+    """Per-channel dynamic-int8 copies of every linear layer inside the decoder layers, in place; returns the model.
+
+    For a little model whose layers are its own (not shared with the large model). Inference on a CPU only.
+    """
+    layers = model.get_decoder().layers
+    model.get_decoder().layers = _dynamic_int8(layers)
+    return model
+
+
+class DraftHead(torch.nn.Module):
+    """An int8 output layer over a draft vocabulary: the kept tokens' logits, -inf for every other token.
+
+    The output keeps the full vocabulary width, so the model stays a drop-in causal LM (and an ``assistant_model``);
+    its softmax is the softmax over the kept tokens, and tokens outside them are never drafted.
+    """
+
+    def __init__(self, head: torch.nn.Linear, draft_vocab: torch.Tensor):
+        super().__init__()
+        if draft_vocab.dim() != 1 or not len(draft_vocab):
+            raise ValueError("a draft vocabulary is a non-empty 1-D tensor of token ids")
+        if int(draft_vocab.min()) < 0 or int(draft_vocab.max()) >= head.out_features:
+            raise ValueError(f"draft vocabulary ids must lie in [0, {head.out_features})")
+        rows = torch.nn.Linear(head.in_features, len(draft_vocab), bias=head.bias is not None)
+        with torch.no_grad():
+            rows.weight.copy_(head.weight[draft_vocab])
+            if head.bias is not None:
+                rows.bias.copy_(head.bias[draft_vocab])
+        self.rows = int8_copy(rows)
+        self.register_buffer("draft_vocab", draft_vocab.long().clone(), persistent=False)
+        self.in_features, self.out_features = head.in_features, head.out_features
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., in_features) -> logits (..., out_features), -inf outside the draft vocabulary."""
+        logits = hidden.new_full((*hidden.shape[:-1], self.out_features), float("-inf"))
+        logits[..., self.draft_vocab] = self.rows(hidden)
+        return logits
+
+
+def draft_vocabulary(targets: Iterable[list[int]], size: int, context: Iterable[list[int]] = (),
+                     always: Iterable[int] = ()) -> torch.Tensor:
+    """Up to ``size`` token ids for a :class:`DraftHead`, plus ``always`` (e.g. end-of-sequence); sorted, 1-D.
+
+    The most frequent tokens of ``targets`` (what the model should write) first, then the most frequent tokens of
+    ``context`` (e.g. the prompts, which outputs copy from) fill the remaining places; ties go to the lower id.
+    Count both on training data only.
+    """
+    if size < 1:
+        raise ValueError(f"draft vocabulary size must be positive, got {size}")
+    chosen: list[int] = []
+    for sequences in (targets, context):
+        counts = Counter(token for sequence in sequences for token in sequence)
+        seen = set(chosen)
+        chosen += [token for token in sorted(counts, key=lambda t: (-counts[t], t)) if token not in seen]
+    return torch.tensor(sorted(set(chosen[:size]) | set(always)), dtype=torch.long)
 
 
 def int8_copy(head: torch.nn.Module) -> torch.nn.Module:
@@ -36,8 +98,14 @@ def int8_copy(head: torch.nn.Module) -> torch.nn.Module:
         plain.weight.copy_(head.weight)  # an untied copy: the shared embedding stays fp32
         if head.bias is not None:
             plain.bias.copy_(head.bias)
+    return _dynamic_int8(torch.nn.Sequential(plain))[0]
+
+
+def _dynamic_int8(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``module`` with every nn.Linear replaced by PyTorch's per-channel dynamic-int8 linear layer."""
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; it works as is
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(
-            torch.nn.Sequential(plain), {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8
-        )[0]
+            module, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8
+        )
+
