@@ -1,9 +1,13 @@
-"""Does int8 drafting with a draft vocabulary make BiLD faster, and at what quality? An A/B in one run.
+"""What do int8 drafting and the CPU kernel choice each buy BiLD, and at what quality? An A/B/C in one run.
 
-"int8-head": the little model as shipped before 2026-11-27 (fp32 decoder layers, int8 copy of the full 49,152-row
-head). "int8-draft": as shipped now (int8 decoder layers, int8 head over the 8,192-token draft vocabulary stored with
-the weights; bild.quantize). Both are the same trained weights. For every setting, BiLD with each drafter runs on
-the same docsum examples, interleaved per example with vanilla (transformers generate) after a warm-up.
+Arms (same trained weights, same examples, interleaved per example with vanilla after a warm-up):
+- "int8-head": the little model as shipped before 2026-11-27 (fp32 decoder layers, int8 copy of the full
+  49,152-row head), the large model on PyTorch's own linear kernels;
+- "int8-draft": the little model as shipped now (int8 decoder layers, int8 head over the 8,192-token draft
+  vocabulary stored with the weights; bild.quantize), same large model;
+- "int8-draft+mm": as shipped now, with the large model's linear layers on bild.cpu.SmallBatchLinear (what the
+  engine does on a CPU since 2026-11-27).
+vanilla (transformers generate) always runs on PyTorch's own kernels.
 
     python benchmarks/drafting_ab.py --limit 60 --threads 2 > benchmarks/drafting-ab.log
 """
@@ -11,17 +15,30 @@ the same docsum examples, interleaved per example with vanilla (transformers gen
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 import torch
 
-from bild import BiLD, BiLDConfig
+from bild import BiLDConfig
+from bild.cpu import SmallBatchLinear
+from bild.decoding import BiLD
 from bild.eval.datasets import load_dataset
 from bild.eval.harness import run_methods
-from bild.eval.methods import MethodContext, bild_method, build_method
+from bild.eval.methods import Method, MethodContext, bild_method, build_method
 from bild.little import load_little
 from bild.models import DEFAULT_LARGE, ModelPair, load_model
 from bild.quantize import quantize_output_layer
+
+
+def with_kernel(method: Method, linears: list[torch.nn.Linear], small_batch: bool) -> Method:
+    """The method, run with the large model's linear layers on SmallBatchLinear or on PyTorch's own kernel."""
+    kind = SmallBatchLinear if small_batch else torch.nn.Linear
+
+    def call(request):
+        for linear in linears:
+            linear.__class__ = kind
+        return method(request)
+
+    return call
 
 
 def main() -> None:
@@ -36,28 +53,28 @@ def main() -> None:
     large = load_model(DEFAULT_LARGE)
     old = load_little("aligned", large, int8=False)
     quantize_output_layer(old.model)  # the previous shipped form: int8 head over the whole vocabulary
-    drafters = {"int8-head": old, "int8-draft": load_little("aligned", large)}
+    new = load_little("aligned", large)
     base = BiLDConfig(max_new_tokens=args.max_new_tokens)
     contexts = {name: MethodContext(ModelPair(large, small), BiLD(ModelPair(large, small)), base)
-                for name, small in drafters.items()}
-    methods = {"vanilla": build_method("vanilla", contexts["int8-draft"])}
+                for name, small in (("int8-head", old), ("int8-draft", new))}  # BiLD(...) switches the kernel ...
+    linears = [m for m in large.model.modules() if isinstance(m, torch.nn.Linear)]
+    methods = {"vanilla": with_kernel(build_method("vanilla", contexts["int8-draft"]), linears, False)}
+    arms = (("int8-head", "int8-head", False), ("int8-draft", "int8-draft", False), ("int8-draft+mm", "int8-draft", True))
     for setting in args.settings.split(","):
         fallback, rollback, window = setting.split("/")
-        for name, context in contexts.items():
-            methods[f"{name} {setting}"] = bild_method(
-                context, fallback_threshold=float(fallback), rollback_threshold=float(rollback),
-                max_small_steps=int(window))
+        for arm, drafter, small_batch in arms:  # ... so every method sets the kernel it runs on
+            method = bild_method(contexts[drafter], fallback_threshold=float(fallback),
+                                 rollback_threshold=float(rollback), max_small_steps=int(window))
+            methods[f"{arm} {setting}"] = with_kernel(method, linears, small_batch)
     dataset = load_dataset("docsum", limit=args.limit)
-    pair, engine = contexts["int8-draft"].pair, contexts["int8-draft"].engine
-    result = run_methods(pair, engine, dataset, methods, replace(base))
+    result = run_methods(contexts["int8-draft"].pair, contexts["int8-draft"].engine, dataset, methods, base)
     print(f"docsum, {result.n} examples, max_new_tokens {args.max_new_tokens}, {args.threads} threads; "
           "settings alpha_FB/alpha_RB/N")
-    print(f"{'method':22s} {'ROUGE-L':>7s} {'speedup':>8s} {'exact':>6s} {'tok/pass':>8s} {'small s':>8s}")
+    print(f"{'method':24s} {'ROUGE-L':>7s} {'speedup':>8s} {'exact':>6s} {'tok/pass':>8s} {'small s':>8s} {'large s':>8s}")
     for name, summary in result.summaries.items():
-        small_s = summary.small_time_s or 0.0
         per_pass = "-" if summary.tokens_per_large_pass is None else f"{summary.tokens_per_large_pass:.2f}"
-        print(f"{name:22s} {summary.rougeL:7.2f} {summary.speedup:7.2f}x {summary.exact_match:6.2f} "
-              f"{per_pass:>8s} {small_s:8.1f}")
+        print(f"{name:24s} {summary.rougeL:7.2f} {summary.speedup:7.2f}x {summary.exact_match:6.2f} "
+              f"{per_pass:>8s} {summary.small_time_s or 0.0:8.1f} {summary.large_time_s or 0.0:8.1f}")
 
 
 if __name__ == "__main__":

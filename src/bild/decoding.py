@@ -17,6 +17,7 @@ import torch
 
 from bild.cache import CachedDecoder
 from bild.config import BiLDConfig, FinishReason, GenerationResult, GenerationStats
+from bild.cpu import use_small_batch_linear
 from bild.models import LoadedModel, ModelPair
 from bild.policies import find_rollback, should_fall_back
 from bild.sampling import make_generator, pick, top_probability
@@ -57,7 +58,11 @@ class BiLD:
     """Generate with a model pair. `pair.small` may be None: then only `vanilla` is available."""
 
     def __init__(self, pair: ModelPair) -> None:
+        """On a CPU this switches the large model's linear layers to :class:`bild.cpu.SmallBatchLinear` (in place):
+        the same weights and results, but verification passes over 4-64 tokens take PyTorch's faster path there."""
         self.pair = pair
+        if pair.large.model.device.type == "cpu":
+            use_small_batch_linear(pair.large.model)
         self.tokenizer = pair.large.tokenizer
         self.eos_ids = frozenset(pair.large.eos_token_ids)
         self.max_context = _context_length(pair.large)

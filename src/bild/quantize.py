@@ -18,6 +18,8 @@ from typing import Iterable
 import torch
 from transformers import PreTrainedModel
 
+from bild.cpu import SmallBatchLinear
+
 
 def quantize_output_layer(model: PreTrainedModel, draft_vocab: torch.Tensor | None = None) -> PreTrainedModel:
     """Replace the model's output layer by a per-channel dynamic-int8 copy, in place; returns the model.
@@ -106,6 +108,7 @@ def _dynamic_int8(module: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():  # torch.ao.quantization announces its move to torchao; it works as is
         warnings.simplefilter("ignore")
         return torch.ao.quantization.quantize_dynamic(
-            module, {torch.nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig}, dtype=torch.qint8
+            module, dict.fromkeys((torch.nn.Linear, SmallBatchLinear), torch.ao.quantization.per_channel_dynamic_qconfig),
+            dtype=torch.qint8,
         )
 
