@@ -241,7 +241,7 @@ def load_little(
     merge_low_rank(little)
     if int8 and little.model.device.type == "cpu":
         quantize_decoder_layers(little.model)
-        quantize_output_layer(little.model, None if draft_vocab is None else draft_vocab.long())
+        quantize_output_layer(little.model, draft_vocab)
     name = next(name for name, v in VARIANTS.items() if v == variant)
     return LoadedModel(name, little.model, large.tokenizer, False, large.is_chat)
 

@@ -57,13 +57,9 @@ class DraftHead(torch.nn.Module):
             raise ValueError("a draft vocabulary is a non-empty 1-D tensor of token ids")
         if int(draft_vocab.min()) < 0 or int(draft_vocab.max()) >= head.out_features:
             raise ValueError(f"draft vocabulary ids must lie in [0, {head.out_features})")
-        rows = torch.nn.Linear(head.in_features, len(draft_vocab), bias=head.bias is not None)
-        with torch.no_grad():
-            rows.weight.copy_(head.weight[draft_vocab])
-            if head.bias is not None:
-                rows.bias.copy_(head.bias[draft_vocab])
-        self.rows = int8_copy(rows)
-        self.register_buffer("draft_vocab", draft_vocab.long().clone(), persistent=False)
+        draft_vocab = draft_vocab.long()
+        self.rows = int8_copy(head, draft_vocab)
+        self.register_buffer("draft_vocab", draft_vocab.clone(), persistent=False)
         self.in_features, self.out_features = head.in_features, head.out_features
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -91,15 +87,18 @@ def draft_vocabulary(targets: Iterable[list[int]], size: int, context: Iterable[
     return torch.tensor(sorted(set(chosen[:size]) | set(always)), dtype=torch.long)
 
 
-def int8_copy(head: torch.nn.Module) -> torch.nn.Module:
-    """A per-channel dynamic-int8 copy of a Linear output layer; the original (maybe a shared embedding) is untouched."""
+def int8_copy(head: torch.nn.Module, rows: torch.Tensor | None = None) -> torch.nn.Module:
+    """A per-channel dynamic-int8 copy of a Linear output layer (only its ``rows``, a 1-D index, when given); the
+    original (maybe a shared embedding) is untouched."""
     if not isinstance(head, torch.nn.Linear):
         raise ValueError(f"cannot quantize an output layer of type {type(head).__name__}")
-    plain = torch.nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+    weight = head.weight if rows is None else head.weight[rows]  # (out or len(rows), in)
+    bias = None if head.bias is None else (head.bias if rows is None else head.bias[rows])
+    plain = torch.nn.Linear(head.in_features, weight.shape[0], bias=bias is not None)
     with torch.no_grad():
-        plain.weight.copy_(head.weight)  # an untied copy: the shared embedding stays fp32
-        if head.bias is not None:
-            plain.bias.copy_(head.bias)
+        plain.weight.copy_(weight)  # an untied copy: the shared embedding stays fp32
+        if bias is not None:
+            plain.bias.copy_(bias)
     return _dynamic_int8(torch.nn.Sequential(plain))[0]
 
 
