@@ -199,3 +199,48 @@ def test_committed_calibration_data_matches_the_prompts_it_was_made_for():
     if sys.version_info[:2] != (3, 11):
         pytest.skip("made from Python 3.11's stdlib docstrings; another version builds other prompts")
     assert [record.prompt for record in records] == [example.prompt for example in build_prompts(3333)]
+
+
+def _fake_package(root, name="fakepkg"):
+    """A tiny installed package with prose docstrings, one vendored and one testing module that must be skipped."""
+    package = root / name
+    for sub in ("", "_vendor", "testing"):
+        (package / sub).mkdir(parents=True, exist_ok=True)
+        (package / sub / "__init__.py").write_text("")
+    prose = "This paragraph explains what the function computes and why a user would call it in practice."
+    functions = "\n".join(f'def f{i}():\n    """{prose} Variant {i}."""\n' for i in range(30))
+    (package / "core.py").write_text(f'"""{prose} Module."""\n{functions}')
+    (package / "_vendor" / "other.py").write_text(f'def vendored():\n    """{prose}"""\n')
+    (package / "testing" / "helpers.py").write_text(f'def helper():\n    """{prose}"""\n')
+    return name
+
+
+def test_package_prompts_skip_vendored_and_testing_code_and_are_prefix_stable(tmp_path, monkeypatch):
+    from bild.little import build_package_prompts
+    from bild.textsource import iter_package_docstrings
+
+    name = _fake_package(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    modules = {doc.module for doc in iter_package_docstrings(name)}
+    assert modules == {"fakepkg.core"}
+    few, many = build_package_prompts(name, 5), build_package_prompts(name, 20)
+    assert few == many[:5] and len(many) == 20
+    assert len(build_package_prompts(name, 100)) == 31  # one prompt per docstring, no second round
+    assert all(example.source.startswith("fakepkg.core") for example in many)
+
+
+def test_missing_package_is_a_clear_error():
+    from bild.textsource import package_dir
+
+    with pytest.raises(FileNotFoundError, match="not installed"):
+        package_dir("no_such_package_bild_test")
+
+
+def test_package_prompts_are_held_out_by_index():
+    from bild.align import CalibrationRecord
+    from bild.little_train import split_by_index
+
+    records = [CalibrationRecord(index, f"p{index}", [1], [2]) for index in range(25)]
+    train, heldout = split_by_index(records, heldout_every=10, per_round=25)
+    assert [record.index for record in heldout] == [0, 10, 20]
+    assert len(train) == 22

@@ -53,6 +53,8 @@ def register(subparsers) -> None:
     little.add_argument("--out", type=Path, default=Path("src/bild/weights"), help="weights directory (default: %(default)s)")
     little.add_argument("--work-dir", type=Path, default=Path("build/little"), help="calibration data (default: %(default)s)")
     little.add_argument("--prompts", type=int, help="number of prompts (default: LittleConfig.prompts)")
+    little.add_argument("--package-prompts", type=int,
+                        help="more prompts about the docstrings of torch, one per docstring (default: LittleConfig's)")
     little.add_argument("--variants", default="aligned,unaligned", help="comma-separated (default: %(default)s)")
     little.add_argument("--calibration-only", action="store_true",
                         help="only generate the calibration data (then train variants in separate processes)")
@@ -140,6 +142,10 @@ def run_little(args: argparse.Namespace) -> int:
         config = LittleConfig()
         if args.prompts is not None:
             config = replace(config, prompts=args.prompts)
+        if args.package_prompts is not None:
+            if args.package_prompts < 0:
+                raise ValueError(f"--package-prompts must be >= 0, got {args.package_prompts}")
+            config = replace(config, package_prompts=args.package_prompts)
         if args.epochs is not None:
             config = replace(config, train=replace(config.train, epochs=args.epochs))
         if args.kl_weight is not None:

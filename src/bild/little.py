@@ -27,7 +27,7 @@ from transformers import LlamaForCausalLM
 
 from bild.quantize import quantize_decoder_layers, quantize_output_layer
 from bild.models import DEFAULT_LARGE, LoadedModel, ModelLoadError, load_model, register_model
-from bild.textsource import Docstring, iter_docstrings, paragraphs
+from bild.textsource import Docstring, iter_docstrings, iter_package_docstrings, paragraphs
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +101,26 @@ def build_prompts(count: int, seed: int = 0, max_chars: int = 700, max_rounds: i
             if example is not None:
                 examples.append(example)
     logger.info("built %d prompts from %d training docstrings", len(examples), len(docs))
+    return examples
+
+
+def build_package_prompts(package: str, count: int, seed: int = 0, max_chars: int = 700) -> list[PromptExample]:
+    """``count`` prompts (the same seven kinds) about the docstrings of an installed package, one per docstring.
+
+    More text that is new to the little model, beside the stdlib's: its prompts about new modules are what BiLD
+    drafts for. Prefix-stable like :func:`build_prompts`.
+    """
+    rng = random.Random(seed)
+    docs = list(iter_package_docstrings(package, min_chars=80))
+    rng.shuffle(docs)
+    examples = []
+    for doc in docs:
+        if len(examples) == count:
+            break
+        example = _example(doc, rng, max_chars)
+        if example is not None:
+            examples.append(example)
+    logger.info("built %d prompts from %d %s docstrings", len(examples), len(docs), package)
     return examples
 
 

@@ -27,12 +27,12 @@ from bild.align import (
     generate_calibration,
 )
 from bild.little import (
-    PromptExample, build_little, build_prompts, load_little, measure_decode_cost, merge_low_rank, prompts_per_round,
+    PromptExample, build_little, build_package_prompts, build_prompts, load_little, measure_decode_cost, merge_low_rank, prompts_per_round,
     save_little,
 )
 from bild.models import DEFAULT_LARGE, LoadedModel, load_model
 from bild.quantize import draft_vocabulary
-from bild.textsource import LICENSE
+from bild.textsource import LICENSE, PACKAGE_LICENSES
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class LittleConfig:
 
     prompts: int = 3333  # instruction prompts: one per training-split stdlib docstring (more: second round of kinds)
     heldout_every: int = 10  # docstrings 0, 10, 20, ... (every round's prompts on them) give the agreement figures
+    package: str = "torch"  # an installed package whose docstrings give more prompts (pinned by every set-up path)
+    package_prompts: int = 0  # prompts about its docstrings, one per docstring, held out like the stdlib's
     init_layers: tuple[int, ...] = (0, 1)  # large-model layers the little model's layers start from
     delta_rank: int = 0  # > 0: those layers stay frozen and only low-rank deltas of this rank (and norms) are trained
     draft_vocab_size: int = 8192  # tokens the int8 drafting head keeps (bild.quantize.DraftHead), from training data
@@ -64,6 +66,13 @@ class VariantReport:
     agreement_before: float  # the initialised, untrained little model
     agreement_after: float
     weights_mb: float
+    agreement_package: float | None = None  # on the held-out prompts about the package's docstrings, if any
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    stdlib: list[CalibrationRecord]  # prompts about held-out stdlib docstrings: the agreement figure of the report
+    package: list[CalibrationRecord]  # prompts about held-out package docstrings (empty without package prompts)
 
 
 @dataclass(frozen=True)
@@ -81,15 +90,16 @@ class LittleReport:
     variants: list[VariantReport]
 
 
-def reference_records(large: LoadedModel, examples: list[PromptExample], config: LittleConfig
-                      ) -> list[CalibrationRecord]:
+def reference_records(large: LoadedModel, examples: list[PromptExample], config: LittleConfig,
+                      per_round: int | None = None) -> list[CalibrationRecord]:
     """Unaligned training data: each training prompt with the real text as target (reference tokens, then EOS).
 
     Needs no calibration data, so the unaligned variant can train before (or while) the large model generates.
+    ``per_round`` as in :func:`is_heldout`.
     """
     records = []
     for index, example in enumerate(examples):
-        if is_heldout(index, config.heldout_every):
+        if is_heldout(index, config.heldout_every, per_round):
             continue
         prompt_ids = encode_prompt(large, example.prompt, config.calibration.max_input_tokens)
         target = large.tokenizer(example.reference, add_special_tokens=False)["input_ids"]
@@ -98,20 +108,22 @@ def reference_records(large: LoadedModel, examples: list[PromptExample], config:
     return records
 
 
-def is_heldout(index: int, heldout_every: int) -> bool:
+def is_heldout(index: int, heldout_every: int, per_round: int | None = None) -> bool:
     """Prompt ``index`` is held out when its docstring's first-round position is a multiple of ``heldout_every``.
 
     By docstring, not by prompt: a later round's prompt about a held-out docstring stays held out, so no held-out text
-    is ever trained on. Stable when ``--prompts`` changes.
+    is ever trained on. Stable when ``--prompts`` changes. ``per_round``: prompts per round of the prompt list
+    (default: the stdlib's, :func:`prompts_per_round`; the package prompts have one round, any value above the index).
     """
-    return index % prompts_per_round() % heldout_every == 0
+    return index % (per_round or prompts_per_round()) % heldout_every == 0
 
 
-def split_by_index(records: list[CalibrationRecord], heldout_every: int) -> tuple[list, list]:
+def split_by_index(records: list[CalibrationRecord], heldout_every: int, per_round: int | None = None
+                   ) -> tuple[list, list]:
     """(train, held-out) records, split by :func:`is_heldout`."""
     train, heldout = [], []
     for record in records:
-        (heldout if is_heldout(record.index, heldout_every) else train).append(record)
+        (heldout if is_heldout(record.index, heldout_every, per_round) else train).append(record)
     return train, heldout
 
 
@@ -123,14 +135,15 @@ def training_draft_vocabulary(large: LoadedModel, records: list[CalibrationRecor
 
 
 def evaluate_and_save(large: LoadedModel, variant: str, little: LoadedModel, result: TrainResult,
-                      train_records: list[CalibrationRecord], heldout: list[CalibrationRecord], config: LittleConfig,
+                      train_records: list[CalibrationRecord], heldout: HeldOut, config: LittleConfig,
                       out_dir: Path) -> VariantReport:
     """Held-out agreement of the untrained initialisation and of the trained model; save weights, vocabulary, report."""
-    before = agreement(build_little(large, config.init_layers, config.delta_rank), heldout, config.train)
-    after = agreement(little, heldout, config.train)
+    before = agreement(build_little(large, config.init_layers, config.delta_rank), heldout.stdlib, config.train)
+    after = agreement(little, heldout.stdlib, config.train)
+    on_package = agreement(little, heldout.package, config.train) if heldout.package else None
     logger.info("%s: agreement %.3f -> %.3f (%d steps, %.0f s)", variant, before, after, result.steps, result.seconds)
     report = VariantReport(variant, len(train_records), result.train_tokens, result.steps, result.first_loss,
-                           result.final_loss, result.seconds, before, after, 0.0)
+                           result.final_loss, result.seconds, before, after, 0.0, on_package)
     vocab = training_draft_vocabulary(large, train_records, config)
     path = save_little(little, variant, config.init_layers, asdict(report), out_dir, config.delta_rank, vocab)
     report = replace(report, weights_mb=round(path.stat().st_size / 1e6, 2))
@@ -138,44 +151,59 @@ def evaluate_and_save(large: LoadedModel, variant: str, little: LoadedModel, res
     return report
 
 
+def package_calibration_path(work_dir: Path, config: LittleConfig) -> Path:
+    return work_dir / f"calibration-{config.package}.jsonl"
+
+
 def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = LittleConfig(),
                          variants: tuple[str, ...] = ("aligned", "unaligned")) -> LittleReport:
-    """The whole `make little` pipeline; the calibration file in ``work_dir`` makes an interrupted run resumable.
+    """The whole `make little` pipeline; the calibration files in ``work_dir`` make an interrupted run resumable.
 
-    Order: unaligned training (real text, needs no calibration), calibration data, aligned training, then both are
-    measured on the same held-out calibration records. Each variant writes its own ``<variant>.json`` report, so
-    variants may also run as separate processes; ``little-report.json`` gathers every variant present in ``out_dir``.
+    Order: unaligned training (real text, needs no calibration), calibration data (the stdlib prompts, then the
+    package prompts), aligned training on both, then both variants are measured on the same held-out calibration
+    records. Each variant writes its own ``<variant>.json`` report, so variants may also run as separate processes;
+    ``little-report.json`` gathers every variant present in ``out_dir``.
     """
     torch.manual_seed(config.seed)
     large = load_model(DEFAULT_LARGE)
     examples = build_prompts(config.prompts, seed=config.seed)
+    package_examples = (build_package_prompts(config.package, config.package_prompts, seed=config.seed)
+                        if config.package_prompts else [])
+    package_round = max(1, len(package_examples))  # one round: held out by index
     trained: dict[str, tuple[LoadedModel, TrainResult, list[CalibrationRecord]]] = {}
     if "unaligned" in variants:
-        real_text = reference_records(large, examples, config)
+        real_text = (reference_records(large, examples, config)
+                     + reference_records(large, package_examples, config, per_round=package_round))
         little = build_little(large, config.init_layers, config.delta_rank)
         trained["unaligned"] = (little, finetune(little, real_text, config.train), real_text)
     started = time.perf_counter()
-    records = generate_calibration(large, [e.prompt for e in examples], work_dir / "calibration.jsonl",
-                                   config.calibration)
+    records = _generated(large, examples, work_dir / "calibration.jsonl", config)
+    package_records = (_generated(large, package_examples, package_calibration_path(work_dir, config), config)
+                       if package_examples else [])
     calibration_seconds = time.perf_counter() - started
-    records = [record for record in records if record.output_ids]
-    train_records, heldout = split_by_index(records, config.heldout_every)
+    train_records, heldout_stdlib = split_by_index(records, config.heldout_every)
+    package_train, heldout_package = split_by_index(package_records, config.heldout_every, package_round)
+    heldout = HeldOut(heldout_stdlib, heldout_package)
     if "aligned" in variants:
         little = build_little(large, config.init_layers, config.delta_rank)
-        trained["aligned"] = (little, finetune(little, train_records, config.train), train_records)
+        aligned_records = train_records + package_train
+        trained["aligned"] = (little, finetune(little, aligned_records, config.train), aligned_records)
     for variant, (little, result, variant_records) in sorted(trained.items()):
         evaluate_and_save(large, variant, little, result, variant_records, heldout, config, out_dir)
     # as users get it (int8 drafting); with nothing trained (calibration only), the untrained fp32 architecture
     drafter = (load_little(min(trained), large, out_dir) if trained
                else merge_low_rank(build_little(large, config.init_layers, config.delta_rank)))
     cost = measure_decode_cost(large, drafter)
+    source = f"docstrings of the Python standard library ({LICENSE}); eval-reserved modules excluded"
+    if package_examples:
+        source += f"; docstrings of {config.package} ({PACKAGE_LICENSES.get(config.package, 'see its license')})"
     report = LittleReport(
         config=json.loads(json.dumps(asdict(config))),
-        text_source=f"docstrings of the Python standard library ({LICENSE}); eval-reserved modules excluded",
-        prompts=len(examples),
-        calibration_records=len(records),
-        heldout_records=len(heldout),
-        heldout_target_tokens=sum(min(len(r.output_ids), config.train.max_target_tokens) for r in heldout),
+        text_source=source,
+        prompts=len(examples) + len(package_examples),
+        calibration_records=len(records) + len(package_records),
+        heldout_records=len(heldout.stdlib),
+        heldout_target_tokens=sum(min(len(r.output_ids), config.train.max_target_tokens) for r in heldout.stdlib),
         calibration_seconds=calibration_seconds,
         large_decode_ms=cost.large_ms,
         small_decode_ms=cost.small_ms,
@@ -186,6 +214,13 @@ def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = L
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "little-report.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
     return report
+
+
+def _generated(large: LoadedModel, examples: list[PromptExample], path: Path, config: LittleConfig
+               ) -> list[CalibrationRecord]:
+    """The large model's greedy outputs for the prompts (generated now or resumed from ``path``), non-empty only."""
+    records = generate_calibration(large, [e.prompt for e in examples], path, config.calibration)
+    return [record for record in records if record.output_ids]
 
 
 def _variant_reports(out_dir: Path) -> list[VariantReport]:

@@ -1,4 +1,5 @@
-"""Real text that is on every machine like this one: the docstrings of Python's standard library (PSF License).
+"""Real text that is on every machine like this one: the docstrings of Python's standard library (PSF License), and
+of an installed package that every set-up path pins (PyTorch 2.13.0, BSD-3-Clause; :func:`iter_package_docstrings`).
 
 One rule keeps training and evaluation disjoint for everyone: a stdlib module whose top-level package name hashes to
 ``zlib.crc32(name.encode()) % 5 == 0`` is reserved for evaluation (:func:`is_eval_module`). Training, calibration and
@@ -9,6 +10,7 @@ The machine's man pages (/usr/share/man) are reserved for independent evaluation
 from __future__ import annotations
 
 import ast
+import importlib.util
 import logging
 import re
 import sysconfig
@@ -20,8 +22,12 @@ from typing import Iterator, Literal
 logger = logging.getLogger(__name__)
 
 LICENSE = "Python Software Foundation License (PSF-2.0), the Python standard library's own docstrings"
+PACKAGE_LICENSES = {"torch": "BSD-3-Clause, PyTorch's own docstrings (torch 2.13.0, pinned by every set-up path)"}
 # Directories whose text is tests, vendored third-party code or installed packages, not the stdlib's documentation.
 _SKIPPED_PARTS = frozenset({"test", "tests", "site-packages", "dist-packages", "idle_test", "__pycache__"})
+
+# ... and inside an installed package: its testing helpers and vendored code under other licenses.
+_PACKAGE_SKIPPED = frozenset({"testing", "_vendor", "third_party"})
 
 Split = Literal["train", "eval", "all"]
 
@@ -111,6 +117,30 @@ def _walk_definitions(module: str, node: ast.AST, prefix: str) -> Iterator[Docst
                 kind = "class" if isinstance(child, ast.ClassDef) else "function"
                 yield Docstring(module, qualname, kind, text)
             yield from _walk_definitions(module, child, prefix=f"{qualname}.")
+
+
+def package_dir(package: str) -> Path:
+    """Directory of an installed top-level package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package!r} is not installed (run `make setup`)")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def iter_package_docstrings(package: str, min_chars: int = 40) -> Iterator[Docstring]:
+    """Docstrings of an installed package (e.g. "torch"), in a fixed order; its tests, testing helpers and vendored
+    third-party code skipped.
+
+    None of it is stdlib text, so :func:`is_eval_module` does not apply: the evaluation sets never use it.
+    """
+    root = package_dir(package)
+    for path in sorted(root.rglob("*.py")):
+        name = module_name(path, root.parent)
+        if name is None or not _PACKAGE_SKIPPED.isdisjoint(name.split(".")):
+            continue
+        for doc in docstrings_in_file(name, path):
+            if len(doc.text) >= min_chars:
+                yield doc
 
 
 def iter_docstrings(split: Split = "train", min_chars: int = 40, root: Path | None = None) -> Iterator[Docstring]:
