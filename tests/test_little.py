@@ -182,23 +182,43 @@ def test_low_rank_little_trains_only_deltas_and_merges_into_an_ordinary_llama(tm
         assert torch.allclose(rebuilt.model(ids).logits, trained, atol=2e-2)  # fp16 storage of the deltas
 
 
-def test_committed_calibration_data_matches_the_prompts_it_was_made_for():
+def _committed_records(name: str) -> list:
     import gzip
     import json
-    import sys
     from pathlib import Path
 
     from bild.align import CalibrationRecord
+
+    path = Path(__file__).parent.parent / "data" / f"{name}.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as source:
+        return [CalibrationRecord(**json.loads(line)) for line in source]
+
+
+def test_committed_calibration_data_matches_the_prompts_it_was_made_for():
+    import sys
+
     from bild.little import build_prompts
 
-    path = Path(__file__).parent.parent / "data" / "little-calibration.jsonl.gz"
-    with gzip.open(path, "rt", encoding="utf-8") as source:
-        records = [CalibrationRecord(**json.loads(line)) for line in source]
+    records = _committed_records("little-calibration")
     assert [record.index for record in records] == list(range(3333))
     assert all(record.output_ids and len(record.output_ids) <= 96 for record in records)
     if sys.version_info[:2] != (3, 11):
         pytest.skip("made from Python 3.11's stdlib docstrings; another version builds other prompts")
     assert [record.prompt for record in records] == [example.prompt for example in build_prompts(3333)]
+
+
+def test_committed_package_calibration_data_matches_the_torch_prompts():
+    from bild.little import build_package_prompts
+    from bild.little_train import LittleConfig
+
+    config = LittleConfig()
+    records = _committed_records(f"little-calibration-{config.package}")
+    assert [record.index for record in records] == list(range(3000))
+    assert all(record.output_ids and len(record.output_ids) <= 96 for record in records)
+    if not torch.__version__.startswith("2.13.0"):
+        pytest.skip("made from torch 2.13.0's docstrings; another version builds other prompts")
+    expected = build_package_prompts(config.package, len(records), seed=config.seed)
+    assert [record.prompt for record in records] == [example.prompt for example in expected]
 
 
 def _fake_package(root, name="fakepkg"):
