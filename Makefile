@@ -29,6 +29,10 @@ test: setup
 
 little: setup
 	mkdir -p build/little
+	# Starts from the committed calibration data (the large model's greedy outputs, data/README.md), which spares
+	# ~50 min of generation; `make little LITTLE_FROM_SCRATCH=1` generates them again (the same records).
+	test -n "$(LITTLE_FROM_SCRATCH)" || test -f build/little/calibration.jsonl || \
+	  gunzip -c data/little-calibration.jsonl.gz > build/little/calibration.jsonl
 	TQDM_MININTERVAL=60 bash -o pipefail -c '$(VENV)/bin/bild little --calibration-only --threads 2 2>&1 | tee build/little/make-calibration.log'
 	TQDM_MININTERVAL=60 bash -c '$(VENV)/bin/bild little --variants unaligned --threads 1 > build/little/make-unaligned.log 2>&1 & \
 	  pid=$$!; $(VENV)/bin/bild little --variants aligned --threads 1 > build/little/make-aligned.log 2>&1; status=$$?; \
