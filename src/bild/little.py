@@ -89,18 +89,8 @@ def build_prompts(count: int, seed: int = 0, max_chars: int = 700, max_rounds: i
     rounds ask about the same docstrings again with a freshly drawn prompt kind. Prefix-stable: the first n prompts
     are the same for every ``count`` >= n, so a calibration file can grow by resuming.
     """
-    rng = random.Random(seed)
-    docs = list(iter_docstrings(split="train", min_chars=80))
-    rng.shuffle(docs)
-    examples: list[PromptExample] = []
-    for _ in range(max_rounds):
-        for doc in docs:
-            if len(examples) == count:
-                break
-            example = _example(doc, rng, max_chars)
-            if example is not None:
-                examples.append(example)
-    logger.info("built %d prompts from %d training docstrings", len(examples), len(docs))
+    examples = _prompts_about(list(iter_docstrings(split="train", min_chars=80)), count, seed, max_chars, max_rounds)
+    logger.info("built %d prompts from training stdlib docstrings", len(examples))
     return examples
 
 
@@ -110,17 +100,24 @@ def build_package_prompts(package: str, count: int, seed: int = 0, max_chars: in
     More text that is new to the little model, beside the stdlib's: its prompts about new modules are what BiLD
     drafts for. Prefix-stable like :func:`build_prompts`.
     """
+    examples = _prompts_about(list(iter_package_docstrings(package, min_chars=80)), count, seed, max_chars, 1)
+    logger.info("built %d prompts from %s docstrings", len(examples), package)
+    return examples
+
+
+def _prompts_about(docs: list[Docstring], count: int, seed: int, max_chars: int, max_rounds: int
+                   ) -> list[PromptExample]:
+    """Up to ``count`` prompts about the docs in a seeded order, round after round, skipping docs without prose."""
     rng = random.Random(seed)
-    docs = list(iter_package_docstrings(package, min_chars=80))
     rng.shuffle(docs)
-    examples = []
-    for doc in docs:
-        if len(examples) == count:
-            break
-        example = _example(doc, rng, max_chars)
-        if example is not None:
-            examples.append(example)
-    logger.info("built %d prompts from %d %s docstrings", len(examples), len(docs), package)
+    examples: list[PromptExample] = []
+    for _ in range(max_rounds):
+        for doc in docs:
+            if len(examples) == count:
+                break
+            example = _example(doc, rng, max_chars)
+            if example is not None:
+                examples.append(example)
     return examples
 
 
