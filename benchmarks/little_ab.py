@@ -25,7 +25,7 @@ from bild.eval.datasets import load_dataset
 from bild.eval.harness import run_methods
 from bild.eval.methods import MethodContext, bild_method, build_method
 from bild.little import load_little
-from bild.little_train import LittleConfig, split_by_index
+from bild.little_train import LittleConfig, package_calibration_path, split_by_index
 from bild.models import DEFAULT_LARGE, LoadedModel, ModelPair, load_model
 
 
@@ -73,11 +73,11 @@ def main() -> None:
 
     held_out = {"stdlib held-out": split_by_index(read_calibration(args.work_dir / "calibration.jsonl"),
                                                   config.heldout_every)[1]}
-    package_file = args.work_dir / f"calibration-{config.package}.jsonl"
+    package_file = package_calibration_path(args.work_dir, config)
     if package_file.is_file():
         package_records = read_calibration(package_file)
         held_out[f"{config.package} held-out"] = split_by_index(package_records, config.heldout_every,
-                                                               max(1, len(package_records)))[1]
+                                                               per_round=len(package_records))[1]  # one round
     engine = next(iter(engines.values()))
     held_out["docsum"] = docsum_records(engine, [docsum.prompt(e) for e in docsum.examples], args.max_new_tokens)
     for name, records in held_out.items():

@@ -27,8 +27,8 @@ from bild.align import (
     generate_calibration,
 )
 from bild.little import (
-    PromptExample, build_little, build_package_prompts, build_prompts, load_little, measure_decode_cost, merge_low_rank, prompts_per_round,
-    save_little,
+    PromptExample, build_little, build_package_prompts, build_prompts, load_little, measure_decode_cost,
+    merge_low_rank, prompts_per_round, save_little,
 )
 from bild.models import DEFAULT_LARGE, LoadedModel, load_model
 from bild.quantize import draft_vocabulary
@@ -169,7 +169,7 @@ def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = L
     examples = build_prompts(config.prompts, seed=config.seed)
     package_examples = (build_package_prompts(config.package, config.package_prompts, seed=config.seed)
                         if config.package_prompts else [])
-    package_round = max(1, len(package_examples))  # one round: held out by index
+    package_round = config.package_prompts  # one round: every index is below it, so held out by index alone
     trained: dict[str, tuple[LoadedModel, TrainResult, list[CalibrationRecord]]] = {}
     if "unaligned" in variants:
         real_text = (reference_records(large, examples, config)

@@ -17,7 +17,7 @@ import sysconfig
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 logger = logging.getLogger(__name__)
 
@@ -133,19 +133,25 @@ def iter_package_docstrings(package: str, min_chars: int = 40) -> Iterator[Docst
 
     None of it is stdlib text, so :func:`is_eval_module` does not apply: the evaluation sets never use it.
     """
-    root = package_dir(package)
+    return _long_docstrings(_package_files(package_dir(package)), min_chars)
+
+
+def _package_files(root: Path) -> Iterator[tuple[str, Path]]:
+    """(module name, path) of every .py file of the package at ``root`` that is not skipped, sorted."""
     for path in sorted(root.rglob("*.py")):
         name = module_name(path, root.parent)
-        if name is None or not _PACKAGE_SKIPPED.isdisjoint(name.split(".")):
-            continue
-        for doc in docstrings_in_file(name, path):
-            if len(doc.text) >= min_chars:
-                yield doc
+        if name is not None and _PACKAGE_SKIPPED.isdisjoint(name.split(".")):
+            yield name, path
 
 
 def iter_docstrings(split: Split = "train", min_chars: int = 40, root: Path | None = None) -> Iterator[Docstring]:
     """Docstrings of the stdlib modules in the split with at least ``min_chars`` characters, in a fixed order."""
-    for module, path in iter_module_files(split, root):
+    return _long_docstrings(iter_module_files(split, root), min_chars)
+
+
+def _long_docstrings(files: Iterable[tuple[str, Path]], min_chars: int) -> Iterator[Docstring]:
+    """The docstrings of (module name, path) files with at least ``min_chars`` characters, in file order."""
+    for module, path in files:
         for doc in docstrings_in_file(module, path):
             if len(doc.text) >= min_chars:
                 yield doc
