@@ -1,32 +1,94 @@
-"""A CPU kernel choice for the large model's non-autoregressive passes (a few tokens at once).
+"""CPU kernel choices for the large model's non-autoregressive passes (a few tokens at once).
 
-With PyTorch 2.13 on this project's x86 CPU (AVX-512, 2 threads), an fp32 ``nn.Linear`` over 1-3 rows runs at the
-speed of reading its weights, but over 4 or more rows it switches to a GEMM path that costs 1.6-2.3x as much (a
-large-model pass over 4 tokens took 1.9x a one-token step, over 11 tokens 2.5x). Computing the same product as
-``W @ x^T`` keeps 4-64 rows at about 1.4x the one-row cost (measured: `benchmarks/drafting-ab.log`, docs/eval.md).
-BiLD's verification passes are exactly such short blocks, so the engine switches the large model's linear layers to
-:class:`SmallBatchLinear` on a CPU. One-row decode steps (what vanilla decoding does) and long prompts keep
-PyTorch's own path; the weights are the same tensors and the outputs equal up to float rounding.
+BiLD's verification passes feed the large model short blocks of 2-11 tokens. With PyTorch 2.13 on this project's x86
+CPU (AVX-512, 2 threads) two things made such a block cost far more than a one-token step:
+
+- Linear layers: an fp32 ``nn.Linear`` over 1-3 rows runs at the speed of reading its weights, but over 4 or more rows
+  PyTorch switches to a GEMM path that costs 1.6-2.4x as much. oneDNN with a weight packed once for it keeps 4-11 rows
+  at 1.1-1.3x the one-row cost (:class:`SmallBatchLinear`; without oneDNN, ``W @ x^T`` at about 1.5x).
+- Attention with grouped key/value heads (SmolLM2: 9 query heads, 3 KV heads): transformers' SDPA path copies every
+  cached key and value ``n_rep`` times (``repeat_kv``) whenever a mask is needed, i.e. for every block of 2+ tokens
+  after a prompt; a one-token step avoids the copy. ``enable_gqa=True`` gives the same numbers without the copy
+  (:func:`gqa_sdpa_attention`).
+
+A large pass over 2 tokens went from 1.09x to 1.05x a one-token step, over 4-6 tokens from 1.8-1.9x to 1.2-1.4x
+(docs/eval.md). One-row steps (what vanilla decoding does) and long prompts keep PyTorch's own path; the weights are
+the same tensors and the outputs equal up to float rounding. The cost: the packed copies hold a second copy of the
+linear weights (for SmolLM2-135M about 540 MB).
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
+
 import torch
 import torch.nn.functional as F
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
 
-MIN_ROWS, MAX_ROWS = 4, 64  # the row counts whose product goes through W @ x^T
+logger = logging.getLogger(__name__)
+
+MIN_ROWS, MAX_ROWS = 4, 64  # the row counts that take the packed (or W @ x^T) path
+PACK_ROWS = 8  # oneDNN's row-count hint for the packed layout (any row count works with it)
+GQA_ATTENTION = "bild_gqa_sdpa"  # the attention implementation name registered by use_cpu_kernels
+
+# module -> (weight version, weight storage address, oneDNN-packed copy); weak keys so models can be freed, and kept
+# off the module itself so deepcopy / pickling / state_dict of the model never meet the opaque oneDNN tensor
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available()
 
 
 class SmallBatchLinear(torch.nn.Linear):
-    """``nn.Linear`` whose forward over MIN_ROWS..MAX_ROWS rows computes ``(W @ x^T)^T`` (same weights, same result)."""
+    """``nn.Linear`` whose forward over MIN_ROWS..MAX_ROWS rows takes a faster CPU kernel (same weights, same result).
+
+    With oneDNN (x86 builds of PyTorch), a packed copy of the weight made on first use and remade when the weight
+    changes in place; otherwise ``(W @ x^T)^T``. Only when no gradient is needed: training takes PyTorch's path.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         if not MIN_ROWS <= rows <= MAX_ROWS or x.dtype != torch.float32:
             return F.linear(x, self.weight, self.bias)
+        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
+            return F.linear(x, self.weight, self.bias)
+        if onednn_available():
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
         flat = x.reshape(rows, x.shape[-1]).T.contiguous()  # (in, rows)
-        out = torch.mm(self.weight, flat).T.reshape(*x.shape[:-1], self.out_features)  # (..., out)
+        out = torch.mm(self.weight, flat).T.contiguous().reshape(*x.shape[:-1], self.out_features)  # (..., out)
         return out if self.bias is None else out + self.bias
+
+    def _packed_weight(self) -> torch.Tensor:
+        key = (self.weight._version, self.weight.data_ptr())
+        cached = _PACKED.get(self)
+        if cached is None or cached[0] != key:
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS)
+            cached = (key, packed)
+            _PACKED[self] = cached
+        return cached[1]
+
+
+def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                       **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except that a masked block of 2+ queries over grouped KV heads uses
+    ``enable_gqa=True`` instead of copying every cached key and value ``n_rep`` times.
+
+    query: (batch, heads, q_len, head_dim); key, value: (batch, kv_heads, kv_len, head_dim). Returns the attention
+    output as (batch, q_len, heads, head_dim), as transformers' attention functions do.
+    """
+    grouped = getattr(module, "num_key_value_groups", 1) > 1
+    plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None and not kwargs.get("output_attentions")
+    if not (grouped and plain and attention_mask is not None and query.shape[2] > 1):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
+    )  # (batch, heads, q_len, head_dim)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def use_small_batch_linear(model: torch.nn.Module) -> int:
@@ -40,3 +102,25 @@ def use_small_batch_linear(model: torch.nn.Module) -> int:
             module.__class__ = SmallBatchLinear
             switched += 1
     return switched
+
+
+def use_gqa_attention(model: torch.nn.Module) -> bool:
+    """Give a model on transformers' SDPA attention with grouped KV heads :func:`gqa_sdpa_attention`; True if switched."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if not heads or not kv_heads or kv_heads == heads:
+        return False
+    AttentionInterface.register(GQA_ATTENTION, gqa_sdpa_attention)
+    AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(GQA_ATTENTION)
+    return True
+
+
+def use_cpu_kernels(model: torch.nn.Module) -> None:
+    """Both kernel choices above, in place, for a model on a CPU (the engine calls it for the large model)."""
+    switched = use_small_batch_linear(model)
+    gqa = use_gqa_attention(model)
+    logger.debug("CPU kernels: %d linear layers switched (%s), GQA attention: %s", switched,
+                 "oneDNN packed" if onednn_available() else "W @ x^T", gqa)

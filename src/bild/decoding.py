@@ -17,7 +17,7 @@ import torch
 
 from bild.cache import CachedDecoder
 from bild.config import BiLDConfig, FinishReason, GenerationResult, GenerationStats
-from bild.cpu import use_small_batch_linear
+from bild.cpu import use_cpu_kernels
 from bild.models import LoadedModel, ModelPair
 from bild.policies import find_rollback, should_fall_back
 from bild.sampling import make_generator, pick, top_probability
@@ -57,12 +57,14 @@ class _Run:
 class BiLD:
     """Generate with a model pair. `pair.small` may be None: then only `vanilla` is available."""
 
-    def __init__(self, pair: ModelPair) -> None:
-        """On a CPU this switches the large model's linear layers to :class:`bild.cpu.SmallBatchLinear` (in place):
-        the same weights and results, but verification passes over 4-64 tokens take PyTorch's faster path there."""
+    def __init__(self, pair: ModelPair, cpu_kernels: bool = True) -> None:
+        """cpu_kernels: on a CPU, switch the large model (in place) to :func:`bild.cpu.use_cpu_kernels`: the same
+        weights and results up to float rounding, but verification passes over 2-64 tokens run on faster kernels; the
+        linear layers keep a packed copy of their weights once they have seen 4+ rows (memory: a second copy of the
+        large model's linear weights). False leaves the model as loaded."""
         self.pair = pair
-        if pair.large.model.device.type == "cpu":
-            use_small_batch_linear(pair.large.model)
+        if cpu_kernels and pair.large.model.device.type == "cpu":
+            use_cpu_kernels(pair.large.model)
         self.tokenizer = pair.large.tokenizer
         self.eos_ids = frozenset(pair.large.eos_token_ids)
         self.max_context = _context_length(pair.large)

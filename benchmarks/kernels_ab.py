@@ -1,0 +1,131 @@
+"""What the large model's CPU kernels buy BiLD and hf-assisted: the previous kernels against the current ones, in one run.
+
+Arms (same shipped little model, same examples, interleaved per example with vanilla after a warm-up):
+- "before": the large model's linear layers on the previous bild.cpu.SmallBatchLinear (``W @ x^T`` for 4-64 rows,
+  whose transposed output also pushed attention off its flash kernel) and transformers' SDPA attention
+  (``repeat_kv`` copies for blocks of 2+ tokens): what the engine did from 2026-11-27 until this change;
+- "now": bild.cpu.use_cpu_kernels as the engine applies it now (oneDNN packed weights for 4-64 rows, contiguous
+  outputs; ``enable_gqa`` attention for blocks).
+vanilla (transformers generate, one-token steps) runs on PyTorch's own linear kernels and SDPA.
+Before the run, one large pass over k = 1..11 tokens is timed for each arm (median of interleaved rounds).
+
+    python benchmarks/kernels_ab.py --limit 60 --threads 2 > benchmarks/kernels-ab.log
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bild import BiLDConfig
+from bild.cpu import GQA_ATTENTION, SmallBatchLinear
+from bild.decoding import BiLD
+from bild.eval.datasets import load_dataset
+from bild.eval.harness import run_methods
+from bild.eval.methods import Method, MethodContext, bild_method, build_method
+from bild.little import load_little
+from bild.models import DEFAULT_LARGE, ModelPair, load_model
+
+
+class PreviousSmallBatchLinear(torch.nn.Linear):
+    """bild.cpu.SmallBatchLinear as it was before this change: ``(W @ x^T)^T`` for 4-64 rows, output left transposed."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if not 4 <= rows <= 64 or x.dtype != torch.float32:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, x.shape[-1]).T.contiguous()  # (in, rows)
+        out = torch.mm(self.weight, flat).T.reshape(*x.shape[:-1], self.out_features)  # (..., out)
+        return out if self.bias is None else out + self.bias
+
+
+ARMS = {  # arm -> (linear class, attention implementation)
+    "plain": (torch.nn.Linear, "sdpa"),
+    "before": (PreviousSmallBatchLinear, "sdpa"),
+    "now": (SmallBatchLinear, GQA_ATTENTION),
+}
+
+
+def set_arm(model: torch.nn.Module, linears: list[torch.nn.Linear], arm: str) -> None:
+    kind, attention = ARMS[arm]
+    for linear in linears:
+        linear.__class__ = kind
+    model.set_attn_implementation(attention)
+
+
+def with_arm(method: Method, model: torch.nn.Module, linears: list[torch.nn.Linear], arm: str) -> Method:
+    def call(request):
+        set_arm(model, linears, arm)
+        return method(request)
+
+    return call
+
+
+def pass_costs(model: torch.nn.Module, linears: list[torch.nn.Linear], arms: list[str], rounds: int = 9,
+               prefix_len: int = 150) -> dict[str, dict[int, float]]:
+    """Median ms of one cached large pass over k new tokens after a prefix, per arm; arms and widths interleaved."""
+    ids = torch.randint(100, model.config.vocab_size, (1, prefix_len + 11), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        prefix_cache = model(ids[:, :prefix_len], use_cache=True).cache
+    times = {arm: {width: [] for width in range(1, 12)} for arm in arms}
+    for round_index in range(rounds + 1):  # round 0 warms up (and packs the weights)
+        for arm in arms:
+            set_arm(model, linears, arm)
+            for width in range(1, 12):
+                cache = copy.deepcopy(prefix_cache)
+                started = time.perf_counter()
+                with torch.inference_mode():
+                    model(ids[:, prefix_len : prefix_len + width], cache=cache, use_cache=True, logits_to_keep=width)
+                if round_index:
+                    times[arm][width].append((time.perf_counter() - started) * 1000)
+    return {arm: {width: statistics.median(ms) for width, ms in by_width.items()} for arm, by_width in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--settings", default="0.2/7/10,0.1/7/6,0.2/0/1,0.4/0/3",
+                        help="comma-separated alpha_FB/alpha_RB/N (default: %(default)s)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    large = load_model(DEFAULT_LARGE)
+    pair = ModelPair(large, load_little("aligned", large))
+    context = MethodContext(pair, BiLD(pair), BiLDConfig(max_new_tokens=args.max_new_tokens))  # switches to "now"
+    model = large.model
+    linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
+
+    costs = pass_costs(model, linears, list(ARMS))
+    one_token = costs["plain"][1]
+    print(f"large pass over k tokens, x a one-token step on PyTorch's kernels ({one_token:.1f} ms), median of 9:")
+    for arm, by_width in costs.items():
+        print(f"  {arm:6s} " + " ".join(f"k={width}: {ms / one_token:.2f}x" for width, ms in by_width.items()))
+
+    methods = {"vanilla": with_arm(build_method("vanilla", context), model, linears, "plain")}
+    for arm in ("before", "now"):
+        methods[f"hf-assisted {arm}"] = with_arm(build_method("hf-assisted", context), model, linears, arm)
+    for setting in args.settings.split(","):
+        fallback, rollback, window = setting.split("/")
+        method = bild_method(context, fallback_threshold=float(fallback), rollback_threshold=float(rollback),
+                             max_small_steps=int(window))
+        for arm in ("before", "now"):
+            methods[f"{arm} {setting}"] = with_arm(method, model, linears, arm)
+    dataset = load_dataset("docsum", limit=args.limit)
+    result = run_methods(pair, context.engine, dataset, methods, context.config)
+    print(f"docsum, {result.n} examples, max_new_tokens {args.max_new_tokens}, {args.threads} threads; "
+          "settings alpha_FB/alpha_RB/N")
+    print(f"{'method':24s} {'ROUGE-L':>7s} {'speedup':>8s} {'exact':>6s} {'tok/pass':>8s} {'small s':>8s} {'large s':>8s}")
+    for name, summary in result.summaries.items():
+        per_pass = "-" if summary.tokens_per_large_pass is None else f"{summary.tokens_per_large_pass:.2f}"
+        print(f"{name:24s} {summary.rougeL:7.2f} {summary.speedup:7.2f}x {summary.exact_match:6.2f} "
+              f"{per_pass:>8s} {summary.small_time_s or 0.0:8.1f} {summary.large_time_s or 0.0:8.1f}")
+
+
+if __name__ == "__main__":
+    main()
