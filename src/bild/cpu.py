@@ -11,10 +11,13 @@ CPU (AVX-512, 2 threads) two things made such a block cost far more than a one-t
   after a prompt; a one-token step avoids the copy. ``enable_gqa=True`` gives the same numbers without the copy
   (:func:`gqa_sdpa_attention`).
 
-A large pass over 2 tokens went from 1.09x to 1.05x a one-token step, over 4-6 tokens from 1.8-1.9x to 1.2-1.4x
-(docs/eval.md). One-row steps (what vanilla decoding does) and long prompts keep PyTorch's own path; the weights are
-the same tensors and the outputs equal up to float rounding. The cost: the packed copies hold a second copy of the
-linear weights (for SmolLM2-135M about 540 MB).
+Measured side by side in one run (`benchmarks/kernels-ab.log`, SmolLM2-135M, 150 cached tokens, 2 threads), a large
+pass over k tokens in units of a one-token step on PyTorch's own kernels: k = 2: 1.10x -> 1.06x; k = 4-6:
+1.83-1.88x -> 1.39-1.46x; k = 8-11: 2.20-2.45x (1.86-1.96x with the earlier ``W @ x^T`` choice) -> 1.57-1.65x.
+One-row steps (what vanilla decoding does) and long prompts keep PyTorch's own path; the weights are the same
+tensors and the outputs equal up to float rounding (the attention exactly). The cost: a layer's packed copy is made
+the first time it sees 4-64 rows and holds a second copy of its weight (for SmolLM2-135M about 540 MB in all);
+``BiLD(pair, cpu_kernels=False)`` keeps the model as loaded.
 """
 
 from __future__ import annotations
