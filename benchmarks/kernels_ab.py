@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ab_report import print_methods
 from bild import BiLDConfig
 from bild.cpu import GQA_ATTENTION, SmallBatchLinear
 from bild.decoding import BiLD
@@ -118,14 +119,7 @@ def main() -> None:
             methods[f"{arm} {setting}"] = with_arm(method, model, linears, arm)
     dataset = load_dataset("docsum", limit=args.limit)
     result = run_methods(pair, context.engine, dataset, methods, context.config)
-    print(f"docsum, {result.n} examples, max_new_tokens {args.max_new_tokens}, {args.threads} threads; "
-          "settings alpha_FB/alpha_RB/N")
-    print(f"{'method':24s} {'ROUGE-L':>7s} {'speedup':>8s} {'exact':>6s} {'tok/pass':>8s} {'small s':>8s} {'large s':>8s}")
-    for name, summary in result.summaries.items():
-        per_pass = "-" if summary.tokens_per_large_pass is None else f"{summary.tokens_per_large_pass:.2f}"
-        print(f"{name:24s} {summary.rougeL:7.2f} {summary.speedup:7.2f}x {summary.exact_match:6.2f} "
-              f"{per_pass:>8s} {summary.small_time_s or 0.0:8.1f} {summary.large_time_s or 0.0:8.1f}")
-
+    print_methods(result, args.max_new_tokens, args.threads)
 
 if __name__ == "__main__":
     main()
