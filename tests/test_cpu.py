@@ -45,6 +45,15 @@ def test_small_batch_linear_follows_in_place_weight_changes():
         assert torch.allclose(switched(x), expected, atol=1e-5)
 
 
+def test_small_batch_linear_works_on_weights_made_in_inference_mode():
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        switched = torch.nn.Linear(48, 80)  # inference tensors: no version counter
+        switched.__class__ = SmallBatchLinear
+        x = torch.randn(6, 48)
+        assert torch.allclose(switched(x), torch.nn.functional.linear(x, switched.weight, switched.bias), atol=1e-5)
+
+
 def test_switching_keeps_shared_weights_and_the_model_output():
     model = tiny_llama(1)
     model.config.tie_word_embeddings = True

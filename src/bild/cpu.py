@@ -66,7 +66,9 @@ class SmallBatchLinear(torch.nn.Linear):
         return out if self.bias is None else out + self.bias
 
     def _packed_weight(self) -> torch.Tensor:
-        key = (self.weight._version, self.weight.data_ptr())
+        # inference tensors (made under torch.inference_mode) have no version counter, and cannot change in place
+        version = None if self.weight.is_inference() else self.weight._version
+        key = (version, self.weight.data_ptr())
         cached = _PACKED.get(self)
         if cached is None or cached[0] != key:
             packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), PACK_ROWS)
