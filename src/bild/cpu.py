@@ -47,7 +47,8 @@ def onednn_available() -> bool:
 
 
 class SmallBatchLinear(torch.nn.Linear):
-    """``nn.Linear`` whose forward over MIN_ROWS..MAX_ROWS rows takes a faster CPU kernel (same weights, same result).
+    """``nn.Linear`` whose forward over MIN_ROWS..MAX_ROWS rows takes a faster CPU kernel (same weights; the same
+    result up to float rounding).
 
     With oneDNN (x86 builds of PyTorch), a packed copy of the weight made on first use and remade when the weight
     changes in place; otherwise ``(W @ x^T)^T``. Only when no gradient is needed: training takes PyTorch's path.
