@@ -18,7 +18,7 @@ import argparse
 
 import torch
 
-from ab_report import print_methods
+from common import print_methods
 from bild import BiLDConfig
 from bild.cpu import SmallBatchLinear
 from bild.decoding import BiLD
@@ -70,6 +70,7 @@ def main() -> None:
     dataset = load_dataset("docsum", limit=args.limit)
     result = run_methods(contexts["int8-draft"].pair, contexts["int8-draft"].engine, dataset, methods, base)
     print_methods(result, args.max_new_tokens, args.threads)
+
 
 if __name__ == "__main__":
     main()

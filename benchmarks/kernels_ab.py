@@ -15,14 +15,12 @@ Before the run, one large pass over k = 1..11 tokens is timed for each arm (medi
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
-import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from ab_report import print_methods
+from common import measure_pass_ms, print_methods
 from bild import BiLDConfig
 from bild.cpu import GQA_ATTENTION, SmallBatchLinear
 from bild.decoding import BiLD
@@ -67,26 +65,6 @@ def with_arm(method: Method, model: torch.nn.Module, linears: list[torch.nn.Line
     return call
 
 
-def pass_costs(model: torch.nn.Module, linears: list[torch.nn.Linear], arms: list[str], rounds: int = 9,
-               prefix_len: int = 150) -> dict[str, dict[int, float]]:
-    """Median ms of one cached large pass over k new tokens after a prefix, per arm; arms and widths interleaved."""
-    ids = torch.randint(100, model.config.vocab_size, (1, prefix_len + 11), generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        prefix_cache = model(ids[:, :prefix_len], use_cache=True).cache
-    times = {arm: {width: [] for width in range(1, 12)} for arm in arms}
-    for round_index in range(rounds + 1):  # round 0 warms up (and packs the weights)
-        for arm in arms:
-            set_arm(model, linears, arm)
-            for width in range(1, 12):
-                cache = copy.deepcopy(prefix_cache)
-                started = time.perf_counter()
-                with torch.inference_mode():
-                    model(ids[:, prefix_len : prefix_len + width], cache=cache, use_cache=True, logits_to_keep=width)
-                if round_index:
-                    times[arm][width].append((time.perf_counter() - started) * 1000)
-    return {arm: {width: statistics.median(ms) for width, ms in by_width.items()} for arm, by_width in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=60)
@@ -102,7 +80,7 @@ def main() -> None:
     model = large.model
     linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
 
-    costs = pass_costs(model, linears, list(ARMS))
+    costs = measure_pass_ms(model, range(1, 12), {arm: partial(set_arm, model, linears, arm) for arm in ARMS}, rounds=9)
     one_token = costs["plain"][1]
     print(f"large pass over k tokens, x a one-token step on PyTorch's kernels ({one_token:.1f} ms), median of 9:")
     for arm, by_width in costs.items():
@@ -120,6 +98,7 @@ def main() -> None:
     dataset = load_dataset("docsum", limit=args.limit)
     result = run_methods(pair, context.engine, dataset, methods, context.config)
     print_methods(result, args.max_new_tokens, args.threads)
+
 
 if __name__ == "__main__":
     main()

@@ -13,13 +13,11 @@ k tokens, a little step) predicts tokens per large pass and the speedup for ever
 from __future__ import annotations
 
 import argparse
-import copy
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
+from common import measure_pass_ms
 from bild import BiLD, BiLDConfig, load_pair
 from bild.align import CalibrationRecord, batch_logits, make_batch
 from bild.eval.datasets import load_dataset
@@ -65,23 +63,6 @@ def simulate_lossless(outputs: list[list[Position]], fallback_threshold: float, 
     return Prediction(tokens / passes, pass_ms[1] * tokens / cost_ms)
 
 
-def measure_pass_ms(model: torch.nn.Module, widths: range, rounds: int = 7, prefix_len: int = 150) -> dict[int, float]:
-    """Median time of one cached forward pass over k new tokens, after a ``prefix_len`` prefill; widths interleaved."""
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, model.config.vocab_size, (1, prefix_len + max(widths)), generator=generator)
-    times: dict[int, list[float]] = {width: [] for width in widths}
-    with torch.no_grad():
-        prefix_cache = model(ids[:, :prefix_len], use_cache=True).cache
-        for _ in range(rounds):
-            for width in widths:
-                cache = copy.deepcopy(prefix_cache)
-                started = time.perf_counter()
-                model(ids[:, prefix_len : prefix_len + width], cache=cache, use_cache=True,
-                      logits_to_keep=width)
-                times[width].append((time.perf_counter() - started) * 1000)
-    return {width: statistics.median(values) for width, values in times.items()}
-
-
 def teacher_forced_positions(engine: BiLD, prompts: list[str], max_new_tokens: int) -> list[list[Position]]:
     """The large model's greedy outputs, and the little model's confidence and hit at each of their positions."""
     small = engine.pair.small
@@ -108,8 +89,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     engine = BiLD(load_pair(small=args.small))
-    pass_ms = measure_pass_ms(engine.pair.large.model, PASS_WIDTHS)
-    small_ms = measure_pass_ms(engine.pair.small.model, range(1, 2))[1]
+    as_loaded = {"as loaded": lambda: None}
+    pass_ms = measure_pass_ms(engine.pair.large.model, PASS_WIDTHS, as_loaded)["as loaded"]
+    small_ms = measure_pass_ms(engine.pair.small.model, range(1, 2), as_loaded)["as loaded"][1]
     print("large pass over k tokens, ms (median of 7, interleaved): "
           + ", ".join(f"k={k}: {ms:.1f} ({ms / pass_ms[1]:.2f}x)" for k, ms in pass_ms.items()))
     print(f"little step: {small_ms:.1f} ms ({small_ms / pass_ms[1]:.1%} of a one-token large pass)")
