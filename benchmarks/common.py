@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
 import statistics
 import time
@@ -10,6 +11,7 @@ from typing import Callable, Mapping
 import torch
 
 from bild.eval.harness import EvalResult
+from bild.eval.methods import Method
 
 
 def measure_pass_ms(model: torch.nn.Module, widths: range, setups: Mapping[str, Callable[[], None]],
@@ -35,6 +37,26 @@ def measure_pass_ms(model: torch.nn.Module, widths: range, setups: Mapping[str, 
                 if round_index:
                     times[name][width].append((time.perf_counter() - started) * 1000)
     return {name: {width: statistics.median(ms) for width, ms in by_width.items()} for name, by_width in times.items()}
+
+
+def ab_parser(doc: str, settings: str) -> argparse.ArgumentParser:
+    """The arguments every docsum A/B script takes; a script adds its own before parsing."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--limit", type=int, default=60)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--settings", default=settings, help="comma-separated alpha_FB/alpha_RB/N (default: %(default)s)")
+    return parser
+
+
+def with_setup(method: Method, setup: Callable[[], None]) -> Method:
+    """The method, preceded on every call by ``setup`` (e.g. switching the large model's kernels for this arm)."""
+
+    def call(request):
+        setup()
+        return method(request)
+
+    return call
 
 
 def print_methods(result: EvalResult, max_new_tokens: int, threads: int) -> None:

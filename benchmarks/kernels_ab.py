@@ -14,19 +14,18 @@ Before the run, one large pass over k = 1..11 tokens is timed for each arm (medi
 
 from __future__ import annotations
 
-import argparse
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 
-from common import measure_pass_ms, print_methods
+from common import ab_parser, measure_pass_ms, print_methods, with_setup
 from bild import BiLDConfig
 from bild.cpu import GQA_ATTENTION, SmallBatchLinear
 from bild.decoding import BiLD
 from bild.eval.datasets import load_dataset
 from bild.eval.harness import run_methods
-from bild.eval.methods import Method, MethodContext, bild_method, build_method
+from bild.eval.methods import MethodContext, bild_method, build_method
 from bild.little import load_little
 from bild.models import DEFAULT_LARGE, ModelPair, load_model
 
@@ -57,21 +56,8 @@ def set_arm(model: torch.nn.Module, linears: list[torch.nn.Linear], arm: str) ->
     model.set_attn_implementation(attention)
 
 
-def with_arm(method: Method, model: torch.nn.Module, linears: list[torch.nn.Linear], arm: str) -> Method:
-    def call(request):
-        set_arm(model, linears, arm)
-        return method(request)
-
-    return call
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--settings", default="0.2/7/10,0.1/7/6,0.2/0/1,0.4/0/3",
-                        help="comma-separated alpha_FB/alpha_RB/N (default: %(default)s)")
+    parser = ab_parser(__doc__, settings="0.2/7/10,0.1/7/6,0.2/0/1,0.4/0/3")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     large = load_model(DEFAULT_LARGE)
@@ -80,21 +66,22 @@ def main() -> None:
     model = large.model
     linears = [module for module in model.modules() if isinstance(module, torch.nn.Linear)]
 
-    costs = measure_pass_ms(model, range(1, 12), {arm: partial(set_arm, model, linears, arm) for arm in ARMS}, rounds=9)
+    arms = {arm: partial(set_arm, model, linears, arm) for arm in ARMS}
+    costs = measure_pass_ms(model, range(1, 12), arms, rounds=9)
     one_token = costs["plain"][1]
     print(f"large pass over k tokens, x a one-token step on PyTorch's kernels ({one_token:.1f} ms), median of 9:")
     for arm, by_width in costs.items():
         print(f"  {arm:6s} " + " ".join(f"k={width}: {ms / one_token:.2f}x" for width, ms in by_width.items()))
 
-    methods = {"vanilla": with_arm(build_method("vanilla", context), model, linears, "plain")}
+    methods = {"vanilla": with_setup(build_method("vanilla", context), arms["plain"])}
     for arm in ("before", "now"):
-        methods[f"hf-assisted {arm}"] = with_arm(build_method("hf-assisted", context), model, linears, arm)
+        methods[f"hf-assisted {arm}"] = with_setup(build_method("hf-assisted", context), arms[arm])
     for setting in args.settings.split(","):
         fallback, rollback, window = setting.split("/")
         method = bild_method(context, fallback_threshold=float(fallback), rollback_threshold=float(rollback),
                              max_small_steps=int(window))
         for arm in ("before", "now"):
-            methods[f"{arm} {setting}"] = with_arm(method, model, linears, arm)
+            methods[f"{arm} {setting}"] = with_setup(method, arms[arm])
     dataset = load_dataset("docsum", limit=args.limit)
     result = run_methods(pair, context.engine, dataset, methods, context.config)
     print_methods(result, args.max_new_tokens, args.threads)

@@ -13,11 +13,11 @@ In one run, same large model, same examples:
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
+from common import ab_parser
 from bild import BiLDConfig
 from bild.align import CalibrationRecord, agreement, batch_logits, make_batch, read_calibration
 from bild.decoding import BiLD
@@ -55,14 +55,9 @@ def sure_and_right(small: LoadedModel, records: list[CalibrationRecord], thresho
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ab_parser(__doc__, settings="0.2/7/10,0.1/7/6,0.6/5/10,0.2/0/1")
     parser.add_argument("--candidate", type=Path, required=True, help="weights directory of model B")
     parser.add_argument("--work-dir", type=Path, default=Path("build/little"), help="calibration files")
-    parser.add_argument("--limit", type=int, default=60)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--settings", default="0.2/7/10,0.1/7/6,0.6/5/10,0.2/0/1",
-                        help="comma-separated alpha_FB/alpha_RB/N (default: %(default)s)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = LittleConfig()
