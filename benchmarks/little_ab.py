@@ -5,7 +5,9 @@ In one run, same large model, same examples:
    stdlib calibration records (the report's figure), on the held-out package records (if the file is there), and on
    docsum (eval-reserved stdlib modules, the large model's greedy outputs at max_new_tokens); on docsum also how
    often each is sure (top-1 probability >= 0.6) and right when sure;
-2. BiLD on docsum at a few alpha_FB/alpha_RB/N settings for each model, interleaved per example with vanilla after
+2. the decode cost of each as it drafts: one single-token step with a KV cache, little / large, side by side, min
+   over rounds (`bild.little.measure_decode_cost`, the figure the report gives);
+3. BiLD on docsum at a few alpha_FB/alpha_RB/N settings for each model, interleaved per example with vanilla after
    a warm-up, as `bild eval` runs methods: speedup over vanilla, ROUGE-L, exact match, tokens per large pass.
 
     python benchmarks/little_ab.py --candidate build/little-torch/weights --limit 60 --threads 2
@@ -24,7 +26,7 @@ from bild.decoding import BiLD
 from bild.eval.datasets import load_dataset
 from bild.eval.harness import run_methods
 from bild.eval.methods import MethodContext, bild_method, build_method
-from bild.little import load_little
+from bild.little import load_little, measure_decode_cost
 from bild.little_train import LittleConfig, package_calibration_path, split_by_index
 from bild.models import DEFAULT_LARGE, LoadedModel, ModelPair, load_model
 
@@ -83,6 +85,10 @@ def main() -> None:
     for model, small in models.items():
         sure, right = sure_and_right(small, held_out["docsum"])
         print(f"docsum, {model}: sure (>= 0.6) on {sure:.1%} of tokens, right on {right:.1%} of those", flush=True)
+    for model, small in models.items():
+        cost = measure_decode_cost(large, small, rounds=5)
+        print(f"decode step, {model}: little {cost.small_ms:.1f} ms / large {cost.large_ms:.1f} ms = {cost.ratio:.1%}",
+              flush=True)
 
     base = BiLDConfig(max_new_tokens=args.max_new_tokens)
     contexts = {name: MethodContext(ModelPair(large, models[name]), engines[name], base) for name in models}
