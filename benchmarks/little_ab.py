@@ -15,6 +15,7 @@ In one run, same large model, same examples:
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from common import ab_parser
 from bild import BiLDConfig
 from bild.align import CalibrationRecord, agreement, batch_logits, make_batch, read_calibration
 from bild.decoding import BiLD
-from bild.eval.datasets import load_dataset
+from bild.eval.datasets import EvalDataset, load_dataset
 from bild.eval.harness import run_methods
 from bild.eval.methods import MethodContext, bild_method, build_method
 from bild.little import load_little, measure_decode_cost
@@ -60,6 +61,8 @@ def main() -> None:
     parser = ab_parser(__doc__, settings="0.2/7/10,0.1/7/6,0.6/5/10,0.2/0/1")
     parser.add_argument("--candidate", type=Path, required=True, help="weights directory of model B")
     parser.add_argument("--work-dir", type=Path, default=Path("build/little"), help="calibration files")
+    parser.add_argument("--models", default="A,B", help="which models run BiLD: A, B or A,B (default: %(default)s)")
+    parser.add_argument("--no-agreement", action="store_true", help="skip the agreement and cost measurements")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = LittleConfig()
@@ -67,7 +70,32 @@ def main() -> None:
     models = {"A shipped": load_little("aligned", large), "B candidate": load_little("aligned", large, args.candidate)}
     engines = {name: BiLD(ModelPair(large, small)) for name, small in models.items()}
     docsum = load_dataset("docsum", limit=args.limit)
+    if not args.no_agreement:
+        measure_agreement_and_cost(args, config, large, models, engines, docsum)
 
+    chosen = [name for name in models if name[0] in args.models.split(",")]
+    base = BiLDConfig(max_new_tokens=args.max_new_tokens)
+    contexts = {name: MethodContext(ModelPair(large, models[name]), engines[name], base) for name in chosen}
+    first = next(iter(contexts.values()))
+    methods = {"vanilla": build_method("vanilla", first)}
+    for setting in args.settings.split(","):
+        fallback, rollback, window = setting.split("/")
+        for name, context in contexts.items():
+            methods[f"{name[0]} {setting}"] = bild_method(context, fallback_threshold=float(fallback),
+                                                          rollback_threshold=float(rollback),
+                                                          max_small_steps=int(window))
+    result = run_methods(first.pair, first.engine, docsum, methods, base)
+    print(f"docsum, {result.n} examples, max_new_tokens {args.max_new_tokens}, {args.threads} threads; "
+          "A = shipped, B = candidate; settings alpha_FB/alpha_RB/N")
+    print(f"{'method':16s} {'ROUGE-L':>7s} {'speedup':>8s} {'exact':>6s} {'tok/pass':>8s}")
+    for name, summary in result.summaries.items():
+        per_pass = "-" if summary.tokens_per_large_pass is None else f"{summary.tokens_per_large_pass:.2f}"
+        print(f"{name:16s} {summary.rougeL:7.2f} {summary.speedup:7.2f}x {summary.exact_match:6.2f} {per_pass:>8s}")
+
+
+def measure_agreement_and_cost(args: argparse.Namespace, config: LittleConfig, large: LoadedModel,
+                               models: dict[str, LoadedModel], engines: dict[str, BiLD], docsum: EvalDataset) -> None:
+    """Points 1 and 2 of the module docstring."""
     held_out = {"stdlib held-out": split_by_index(read_calibration(args.work_dir / "calibration.jsonl"),
                                                   config.heldout_every)[1]}
     package_file = package_calibration_path(args.work_dir, config)
@@ -89,23 +117,6 @@ def main() -> None:
         cost = measure_decode_cost(large, small, rounds=5)
         print(f"decode step, {model}: little {cost.small_ms:.1f} ms / large {cost.large_ms:.1f} ms = {cost.ratio:.1%}",
               flush=True)
-
-    base = BiLDConfig(max_new_tokens=args.max_new_tokens)
-    contexts = {name: MethodContext(ModelPair(large, models[name]), engines[name], base) for name in models}
-    methods = {"vanilla": build_method("vanilla", contexts["A shipped"])}
-    for setting in args.settings.split(","):
-        fallback, rollback, window = setting.split("/")
-        for name, context in contexts.items():
-            methods[f"{name[0]} {setting}"] = bild_method(context, fallback_threshold=float(fallback),
-                                                          rollback_threshold=float(rollback),
-                                                          max_small_steps=int(window))
-    result = run_methods(contexts["A shipped"].pair, contexts["A shipped"].engine, docsum, methods, base)
-    print(f"docsum, {result.n} examples, max_new_tokens {args.max_new_tokens}, {args.threads} threads; "
-          "A = shipped, B = candidate; settings alpha_FB/alpha_RB/N")
-    print(f"{'method':16s} {'ROUGE-L':>7s} {'speedup':>8s} {'exact':>6s} {'tok/pass':>8s}")
-    for name, summary in result.summaries.items():
-        per_pass = "-" if summary.tokens_per_large_pass is None else f"{summary.tokens_per_large_pass:.2f}"
-        print(f"{name:16s} {summary.rougeL:7.2f} {summary.speedup:7.2f}x {summary.exact_match:6.2f} {per_pass:>8s}")
 
 
 if __name__ == "__main__":
