@@ -12,6 +12,7 @@ from transformers import BartConfig, BartForConditionalGeneration, LlamaConfig, 
 
 from bild.align import (
     AlignInputError,
+    CalibrationRecord,
     CalibrationConfig,
     TrainConfig,
     agreement,
@@ -22,6 +23,7 @@ from bild.align import (
     read_inputs,
     split_records,
 )
+from bild.align import _batches
 from bild.models import LoadedModel, VocabularyMismatchError
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -165,3 +167,36 @@ def test_align_command_end_to_end(tmp_path, capsys):
     assert (tmp_path / "out" / "calibration" / "calibration.jsonl").is_file()
     assert main([*args[:6], str(tmp_path / "missing.txt"), *args[7:]]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _records_of_random_lengths(count: int) -> list[CalibrationRecord]:
+    rng = random.Random(3)
+    return [CalibrationRecord(i, f"p{i}", [1] * rng.randint(5, 200), [2] * rng.randint(1, 96)) for i in range(count)]
+
+
+def _padded_cells(batches: list[list[CalibrationRecord]]) -> int:
+    """Cells of the [prompt | target] rectangles make_batch builds for these batches."""
+    return sum(len(b) * (max(len(r.input_ids) for r in b) + max(len(r.output_ids) for r in b)) for b in batches)
+
+
+def test_plain_batches_are_consecutive_slices_of_shuffled_epochs():
+    records = _records_of_random_lengths(20)
+    batches = list(_batches(records, 8, random.Random(0), steps=5))
+    rng, expected = random.Random(0), []
+    for _ in range(2):
+        epoch = list(range(20))
+        rng.shuffle(epoch)
+        expected.extend(epoch)
+    assert [r.index for b in batches for r in b] == expected[:40]
+
+
+def test_length_buckets_cover_every_record_once_per_epoch_with_less_padding():
+    records = _records_of_random_lengths(300)
+    steps_per_epoch = 300 // 32 * 4 + 2  # nine runs of 32 records make 4 batches each, the last run of 12 makes 2
+    bucketed = list(_batches(records, 8, random.Random(0), steps=2 * steps_per_epoch, length_bucket=32))
+    for epoch in (bucketed[:steps_per_epoch], bucketed[steps_per_epoch:]):
+        assert sorted(r.index for b in epoch for r in b) == list(range(300))
+        assert all(len(b) <= 8 for b in epoch)
+    assert [r.index for b in bucketed[:steps_per_epoch] for r in b] != [r.index for b in bucketed[steps_per_epoch:] for r in b]
+    plain = list(_batches(records, 8, random.Random(0), steps=len(bucketed)))
+    assert _padded_cells(bucketed) < 0.85 * _padded_cells(plain)

@@ -47,6 +47,7 @@ def test_matching_vocabularies_pass():
         (["little", "--init-layers", "0,30"], "from 0 to 29"),
         (["little", "--init-layers", "zero"], "comma-separated layer numbers"),
         (["little", "--delta-rank", "-1"], "--delta-rank"),
+        (["little", "--length-bucket", "-1"], "--length-bucket"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(argv, message, capsys):

@@ -63,6 +63,7 @@ class TrainConfig:
     freeze_embeddings: bool = True  # the input embeddings (and a tied head) stay as they are
     seed: int = 0
     max_minutes: float | None = None  # safety stop on a busy machine: end training early (the report says so)
+    length_bucket: int = 0  # > 0: sort each run of this many shuffled records by length before cutting batches
 
 
 @dataclass(frozen=True)
@@ -363,8 +364,22 @@ def batch_loss(logits: torch.Tensor, batch: Batch, kl_weight: float) -> torch.Te
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def _batches(records: Sequence[CalibrationRecord], batch_size: int, rng: random.Random, steps: int) -> Iterator[list]:
-    """``steps`` batches drawn epoch by epoch from shuffled records."""
+def _batches(records: Sequence[CalibrationRecord], batch_size: int, rng: random.Random, steps: int,
+             length_bucket: int = 0) -> Iterator[list]:
+    """``steps`` batches drawn epoch by epoch from shuffled records.
+
+    ``length_bucket`` > 0: each epoch's shuffled order is cut into runs of that many records, each run is sorted by
+    (prompt, target) length and cut into batches, and the epoch's batches are shuffled. Rows of a batch then have
+    similar lengths, so less of each step is spent on padding (about a quarter less on the little models'
+    calibration data at 128), and every record is still seen once per epoch (the last batch of a run may be short).
+    """
+    if length_bucket > 0:
+        queue: list[list[int]] = []
+        for _ in range(steps):
+            if not queue:
+                queue = _bucketed_epoch(records, batch_size, rng, length_bucket)
+            yield [records[i] for i in queue.pop()]
+        return
     order: list[int] = []
     for _ in range(steps):
         if len(order) < batch_size:
@@ -373,6 +388,20 @@ def _batches(records: Sequence[CalibrationRecord], batch_size: int, rng: random.
             order.extend(fresh)
         chunk, order = order[:batch_size], order[batch_size:]
         yield [records[i] for i in chunk]
+
+
+def _bucketed_epoch(records: Sequence[CalibrationRecord], batch_size: int, rng: random.Random,
+                    length_bucket: int) -> list[list[int]]:
+    """One epoch as batches of record indices with similar lengths, in random order."""
+    fresh = list(range(len(records)))
+    rng.shuffle(fresh)
+    batches = []
+    for start in range(0, len(fresh), length_bucket):
+        run = sorted(fresh[start : start + length_bucket],
+                     key=lambda i: (len(records[i].input_ids), len(records[i].output_ids)))
+        batches.extend(run[k : k + batch_size] for k in range(0, len(run), batch_size))
+    rng.shuffle(batches)
+    return batches
 
 
 def trainable_parameters(model: LoadedModel, freeze_embeddings: bool) -> list[torch.nn.Parameter]:
@@ -392,7 +421,7 @@ def finetune(small: LoadedModel, records: Sequence[CalibrationRecord], config: T
     optimizer, schedule = make_optimizer(params, config, steps)
     small.model.train()
     losses, tokens, started = [], 0, time.perf_counter()
-    bar = tqdm(_batches(records, config.batch_size, rng, steps), total=steps, desc="fine-tune")
+    bar = tqdm(_batches(records, config.batch_size, rng, steps, config.length_bucket), total=steps, desc="fine-tune")
     for batch_records in bar:
         if config.max_minutes is not None and time.perf_counter() - started > 60 * config.max_minutes:
             logger.warning("stopping after %d of %d steps: the %.0f-minute limit was reached", len(losses), steps,
