@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--models", default="A,B", help="which models run BiLD: A, B or A,B (default: %(default)s)")
     parser.add_argument("--no-agreement", action="store_true", help="skip the agreement and cost measurements")
     args = parser.parse_args()
+    if not set(args.models.split(",")) <= {"A", "B"} or not args.models:
+        parser.error(f"--models takes A, B or A,B, got {args.models!r}")
     torch.set_num_threads(args.threads)
     config = LittleConfig()
     large = load_model(DEFAULT_LARGE)
