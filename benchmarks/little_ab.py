@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import ab_parser
+from common import ab_parser, print_methods
 from bild import BiLDConfig
 from bild.align import CalibrationRecord, agreement, batch_logits, make_batch, read_calibration
 from bild.decoding import BiLD
@@ -87,12 +87,8 @@ def main() -> None:
                                                           rollback_threshold=float(rollback),
                                                           max_small_steps=int(window))
     result = run_methods(first.pair, first.engine, docsum, methods, base)
-    print(f"docsum, {result.n} examples, max_new_tokens {args.max_new_tokens}, {args.threads} threads; "
-          "A = shipped, B = candidate; settings alpha_FB/alpha_RB/N")
-    print(f"{'method':16s} {'ROUGE-L':>7s} {'speedup':>8s} {'exact':>6s} {'tok/pass':>8s}")
-    for name, summary in result.summaries.items():
-        per_pass = "-" if summary.tokens_per_large_pass is None else f"{summary.tokens_per_large_pass:.2f}"
-        print(f"{name:16s} {summary.rougeL:7.2f} {summary.speedup:7.2f}x {summary.exact_match:6.2f} {per_pass:>8s}")
+    print("A = shipped, B = candidate")
+    print_methods(result, args.max_new_tokens, args.threads)
 
 
 def measure_agreement_and_cost(args: argparse.Namespace, config: LittleConfig, large: LoadedModel,
