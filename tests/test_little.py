@@ -109,9 +109,26 @@ def test_little_model_round_trip_and_assisted_generation(tmp_path):
     assert torch.equal(greedy, assisted)
 
 
+def test_shipped_weights_were_built_by_the_recipe_make_little_runs():
+    import json
+    from dataclasses import asdict
+
+    from bild.little import WEIGHTS_DIR
+    from bild.little_train import LittleConfig
+
+    config = LittleConfig()
+    report = json.loads((WEIGHTS_DIR / "little-report.json").read_text())
+    assert report["config"] == json.loads(json.dumps(asdict(config)))
+    assert sorted(variant["variant"] for variant in report["variants"]) == ["aligned", "unaligned"]
+    for variant in ("aligned", "unaligned"):
+        meta = json.loads((WEIGHTS_DIR / f"{variant}.json").read_text())
+        assert (tuple(meta["init_layers"]), meta["delta_rank"]) == (config.init_layers, config.delta_rank)
+
+
 @pytest.mark.slow
 def test_shipped_little_models_load_by_name_and_fit_the_budget():
     from bild.little import WEIGHTS_DIR, load_little
+    from bild.little_train import LittleConfig
     from bild.models import check_same_vocabulary, load_model
     from bild.quantize import DraftHead
 
@@ -121,7 +138,7 @@ def test_shipped_little_models_load_by_name_and_fit_the_budget():
     for name in ("smollm2-little", "smollm2-little-unaligned"):
         little = load_model(name, large=large)
         check_same_vocabulary(large, little)
-        assert little.name == name and little.model.config.num_hidden_layers == 2
+        assert little.name == name and little.model.config.num_hidden_layers == len(LittleConfig().init_layers)
         assert little.model.model.embed_tokens is large.model.model.embed_tokens
     # the trained model drafts through int8 layers and a draft head, and picks what its fp32 form picks
     drafting = load_model("smollm2-little", large=large)

@@ -24,7 +24,7 @@ resume an interrupted run. OUT gets the aligned small model (transformers format
 
 LITTLE_EPILOG = """\
 examples:
-  bild little --out src/bild/weights                 # what `make little` runs (both variants, ~1.5 h on 2 cores)
+  bild little --out src/bild/weights                 # both variants (`make little` runs them side by side: ~1.5 h on 2 cores)
   bild little --out /tmp/little --prompts 200 --epochs 0.5 --variants aligned   # a quick smoke run
 
 Builds prompts from training-split stdlib docstrings, generates the large model's greedy outputs (resumable, in

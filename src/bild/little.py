@@ -1,11 +1,13 @@
-"""The default little models for SmolLM2-135M-Instruct: two decoder layers on the large model's shared embeddings.
+"""The default little models for SmolLM2-135M-Instruct: six of the large model's layers with trained low-rank deltas.
 
 A little model is an ordinary ``LlamaForCausalLM`` (so it also works as ``assistant_model`` in transformers' assisted
 generation) with ``num_hidden_layers`` layers of the large model's shape, initialised from some of the large model's
 own layers, on top of the large model's frozen embedding matrix and tied head (the same tensor object, not a copy).
-Only what is not shared is stored, in fp16: the layers and the final norm (``src/bild/weights/<variant>.safetensors``
-plus ``<variant>.json``). Importing this module registers the names ``smollm2-little`` (aligned: trained on the large
-model's greedy outputs) and ``smollm2-little-unaligned`` (trained on the real text's own next tokens).
+Only what is not shared is stored, in fp16: the layers (or, with ``delta_rank`` > 0, only their low-rank deltas) and
+the norms (``src/bild/weights/<variant>.safetensors`` plus ``<variant>.json``, which names the layers). The shipped
+recipe is ``bild.little_train.LittleConfig``. Importing this module registers the names ``smollm2-little``
+(aligned: trained on the large model's greedy outputs) and ``smollm2-little-unaligned`` (trained on the real text's
+own next tokens).
 """
 
 from __future__ import annotations
