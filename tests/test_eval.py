@@ -58,6 +58,17 @@ def test_bleu_known_values():
         metrics.bleu(["a", "b"], ["a"])
 
 
+def test_repetition_counts_repeated_word_ngrams_within_each_output():
+    assert metrics.repetition(["a b c d e f"]) == pytest.approx(0.0)
+    # 5 four-grams, the last one ("a b c d") repeats the first: 1 / 5; a loop of 4 words over 11 words: 4 / 8
+    assert metrics.repetition(["a b c d a b c d"]) == pytest.approx(20.0)
+    assert metrics.repetition(["a b c d a b c d a b c"]) == pytest.approx(50.0)
+    # outputs too short for a 4-gram are left out of the mean, not counted as 0
+    assert metrics.repetition(["a b", "a b c d a b c d a b c"]) == pytest.approx(50.0)
+    assert metrics.repetition(["a b c d e", "a b c d a b c d"]) == pytest.approx(10.0)
+    assert metrics.repetition(["x y z", ""]) is None
+
+
 # ---- data files --------------------------------------------------------------------------------------------------
 def test_reads_jsonl_csv_tsv(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"source": "s1", "reference": "r1", "id": "x"}\n\n{"source": "s2", "reference": "r2"}\n')
@@ -206,6 +217,8 @@ def test_summarize_rates_per_generated_token():
     summary = summarize([record], [baseline])
     assert (summary.speedup, summary.fallback_rate, summary.rollback_rate) == (2.0, 0.25, 0.125)
     assert summary.tokens_per_large_pass == 2.0 and summary.overhead_s == pytest.approx(0.3) and summary.small_steps == 9
+    looping = ExampleRecord(0, "0", "bild", "a b c d a b c d", "a b", 1.0, 8, False, stats)
+    assert summary.rep4 is None and summarize([looping], [baseline]).rep4 == pytest.approx(20.0)
 
 
 # ---- sweep -------------------------------------------------------------------------------------------------------

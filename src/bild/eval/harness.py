@@ -63,6 +63,7 @@ class MethodSummary:
     small_time_s: float | None  # inside the small model's forward passes
     large_time_s: float | None  # inside the large model's forward passes
     overhead_s: float | None  # everything else: policies, sampling, cache crops, Python
+    rep4: float | None = None  # seq-rep-4 of the outputs (bild.eval.metrics.repetition): 0 = no repeated 4-gram
 
 
 @dataclass
@@ -229,6 +230,7 @@ def summarize(records: list[ExampleRecord], baseline: list[ExampleRecord]) -> Me
         small_time_s=stat_sum("small_time_s") if has_stats else None,
         large_time_s=stat_sum("large_time_s") if has_stats else None,
         overhead_s=total_time - stat_sum("small_time_s") - stat_sum("large_time_s") if has_stats else None,
+        rep4=metrics.repetition(predictions),
     )
 
 

@@ -1,4 +1,4 @@
-"""Quality metrics on a 0-100 scale: ROUGE-L F-measure (mean over examples) and corpus BLEU (sacrebleu)."""
+"""Quality metrics on a 0-100 scale: ROUGE-L F-measure (mean over examples), corpus BLEU (sacrebleu), and repetition."""
 
 from __future__ import annotations
 
@@ -22,6 +22,22 @@ def bleu(predictions: list[str], references: list[str]) -> float | None:
     if not predictions:
         return None
     return float(sacrebleu.corpus_bleu(predictions, [references]).score)
+
+
+def repetition(predictions: list[str], n: int = 4) -> float | None:
+    """seq-rep-n (Welleck et al., 2020), x100: the share of an output's word n-grams that repeat an earlier n-gram of
+    the same output, mean over the outputs that have at least one n-gram; None if none has.
+
+    A drafter that falls into a loop the large model does not reject (each repeated token is likely under it too)
+    shows here, while ROUGE-L against one-sentence references barely moves.
+    """
+    shares = []
+    for prediction in predictions:
+        words = prediction.split()
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        if grams:
+            shares.append(1.0 - len(set(grams)) / len(grams))
+    return 100.0 * sum(shares) / len(shares) if shares else None
 
 
 def _check_lengths(predictions: list[str], references: list[str]) -> None:
