@@ -22,6 +22,9 @@ The large model's greedy outputs go to WORK_DIR/calibration.jsonl batch by batch
 resume an interrupted run. OUT gets the aligned small model (transformers format) and align-report.json.
 """
 
+LENGTH_BUCKET_HELP = ("batch records of similar length: sort runs of this many shuffled records by length "
+                      "(less padding, faster steps); 0 = plain shuffled batches")
+
 LITTLE_EPILOG = """\
 examples:
   bild little --out src/bild/weights                 # both variants (`make little` runs them side by side: ~1.5 h on 2 cores)
@@ -65,9 +68,7 @@ def register(subparsers) -> None:
     little.add_argument("--delta-rank", type=int,
                         help="train low-rank deltas of this rank on frozen copies of the layers; 0 trains the layers "
                              "themselves (default: LittleConfig's)")
-    little.add_argument("--length-bucket", type=int,
-                        help="batch records of similar length: sort runs of this many shuffled records by length "
-                             "(less padding, faster steps); 0 = plain shuffled batches (default: LittleConfig's)")
+    little.add_argument("--length-bucket", type=int, help=f"{LENGTH_BUCKET_HELP} (default: LittleConfig's)")
     little.add_argument("--max-train-minutes", type=float, help="safety stop per variant on a busy machine")
     little.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription on a busy machine)")
     little.set_defaults(func=run_little)
@@ -82,9 +83,7 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--learning-rate", type=float, default=1e-4, help="AdamW peak (default: %(default)s)")
     group.add_argument("--kl-weight", type=float, default=0.0, help="token-level distillation on the top-k (default: %(default)s)")
     group.add_argument("--train-embeddings", action="store_true", help="also train the input embeddings (frozen by default)")
-    group.add_argument("--length-bucket", type=int, default=0,
-                       help="batch records of similar length: sort runs of this many shuffled records by length "
-                            "(less padding, faster steps); 0 = plain shuffled batches (default: %(default)s)")
+    group.add_argument("--length-bucket", type=int, default=0, help=f"{LENGTH_BUCKET_HELP} (default: %(default)s)")
     group.add_argument("--seed", type=int, default=0)
     group.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription on a busy machine)")
 
