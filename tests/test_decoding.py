@@ -10,6 +10,7 @@ import torch
 from bild.config import BiLDConfig, SamplingConfig
 from bild.decoding import BiLD
 from bild.models import ModelPair
+from bild.policies import repeated_ngrams
 
 from conftest import make_pair, prompt_ids, watch_large_passes
 
@@ -208,3 +209,11 @@ def test_no_model_recomputes_a_cached_token(family, monkeypatch):
     assert result.stats.rollbacks > 0 and len(seen_at_end) == 2
     for key, decoder in seen_at_end.items():
         assert fed[key] - cropped.get(key, 0) == decoder.seen == decoder.cache_length()
+
+
+def test_repeated_ngrams_counts_only_the_output():
+    tokens = [5, 6, 7, 1, 2, 1, 2, 1, 5, 6, 7]  # prompt [5, 6, 7], then the output
+    assert repeated_ngrams(tokens, 3, 3, 2) == [False, False, False, True, True, False, False, False]
+    assert repeated_ngrams(tokens, 3, 7, 2) == [True, False, False, False]
+    assert repeated_ngrams(tokens, 3, 3, 0) == [False] * 8
+    assert repeated_ngrams(tokens, 0, 8, 3) == [False, False, True]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -13,7 +15,7 @@ import torch
 
 from bild import cli_eval
 from bild.config import BiLDConfig
-from bild.eval import datasets, docsum, metrics
+from bild.eval import datasets, docsum, mansum, metrics
 from bild.eval.datasets import DataFormatError, DatasetError, EvalDataset, Example, load_dataset
 from bild.eval.harness import evaluate, summarize
 from bild.eval.methods import method_names
@@ -147,6 +149,51 @@ def test_docsum_builder_reproduces_the_shipped_file(tmp_path):
     assert docsum.build(tmp_path / "docsum.jsonl") == len(load_dataset("docsum").examples)
     assert (tmp_path / "docsum.jsonl").read_text() == docsum.DEFAULT_PATH.read_text()
 
+
+FOO_PAGE = r""".TH FOO 1
+.SH NAME
+foo \- frobnicate the widgets of a file
+.SH SYNOPSIS
+.B foo
+[\fIOPTION\fR]... \fIFILE\fR
+.SH DESCRIPTION
+.B foo
+reads each FILE and frobnicates every widget it finds there, in the order the widgets appear.
+Widgets that are already frobnicated are left alone.
+
+The result is written to standard output, so the input file is never changed.
+.TP
+.B \-v
+print every widget as it is frobnicated.
+"""
+
+
+def write_page(directory: Path, name: str, text: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    with gzip.open(directory / name, "wt") as handle:
+        handle.write(text)
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="mansum renders man pages with groff")
+def test_mansum_takes_name_and_leading_description_one_page_per_family(tmp_path):
+    man = tmp_path / "man1"
+    write_page(man, "foo.1.gz", FOO_PAGE)
+    write_page(man, "foo-extra.1.gz", FOO_PAGE)  # the same family as foo: left out
+    write_page(man, "bar.1.gz", ".TH BAR 1\n.SH NAME\nbar \\- no description section at all\n")
+    assert mansum.build(tmp_path / "set.jsonl", man, size=5) == 1
+    example = json.loads((tmp_path / "set.jsonl").read_text())
+    assert example["id"] in ("foo(1)", "foo-extra(1)")
+    assert example["reference"] == "frobnicate the widgets of a file"
+    assert example["source"] == ("foo reads each FILE and frobnicates every widget it finds there, in the order the "
+                                 "widgets appear. Widgets that are already frobnicated are left alone. The result is "
+                                 "written to standard output, so the input file is never changed.")
+
+
+def test_mansum_without_man_pages_is_a_clear_dataset_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("BILD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(mansum, "MAN_DIR", tmp_path / "no-man-pages")
+    with pytest.raises(DatasetError, match="mansum"):
+        load_dataset("mansum")
 
 # ---- harness -----------------------------------------------------------------------------------------------------
 def test_summary_json_shape(tmp_path):

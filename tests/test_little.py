@@ -91,14 +91,19 @@ def test_little_model_round_trip_and_assisted_generation(tmp_path):
     save_little(little, "aligned", (0, 1), {}, tmp_path, draft_vocab=draft_vocab)
     assert (tmp_path / "aligned.safetensors").stat().st_size < 16e6
     exact = load_little("aligned", large, weights_dir=tmp_path, int8=False)
-    loaded = load_little("aligned", large, weights_dir=tmp_path)  # the shipped form: int8 layers and draft head
+    loaded = load_little("aligned", large, weights_dir=tmp_path)  # the drafting form: fp32 layers, int8 draft head
     assert isinstance(loaded.model.lm_head, DraftHead) and torch.equal(loaded.model.lm_head.draft_vocab, draft_vocab)
+    assert type(loaded.model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    all_int8 = load_little("aligned", large, weights_dir=tmp_path, int8_layers=True)
+    assert type(all_int8.model.model.layers[0].mlp.up_proj) is not torch.nn.Linear
     with torch.inference_mode():
         got, quantized = exact.model(ids).logits, loaded.model(ids).logits
+        quantized_layers = all_int8.model(ids).logits
     assert torch.allclose(expected, got, atol=0.05)  # fp16 storage
     # untrained layers give near-ties, so ask only that int8 drafting picks one of the fp32 model's top 5
     top5 = expected.topk(5, dim=-1).indices  # (1, 16, 5)
-    assert (top5 == quantized.argmax(-1, keepdim=True)).any(-1).float().mean() >= 0.9
+    for logits in (quantized, quantized_layers):
+        assert (top5 == logits.argmax(-1, keepdim=True)).any(-1).float().mean() >= 0.9
     outside = torch.ones(quantized.shape[-1], dtype=torch.bool)
     outside[draft_vocab] = False
     assert torch.isneginf(quantized[..., outside]).all()  # tokens outside the draft vocabulary are never drafted
@@ -140,7 +145,7 @@ def test_shipped_little_models_load_by_name_and_fit_the_budget():
         check_same_vocabulary(large, little)
         assert little.name == name and little.model.config.num_hidden_layers == len(LittleConfig().init_layers)
         assert little.model.model.embed_tokens is large.model.model.embed_tokens
-    # the trained model drafts through int8 layers and a draft head, and picks what its fp32 form picks
+    # the trained model drafts through its int8 draft head, and picks what its fp32 form picks
     drafting = load_model("smollm2-little", large=large)
     assert isinstance(drafting.model.lm_head, DraftHead) and len(drafting.model.lm_head.draft_vocab) == 8192
     fp32 = load_little("aligned", large, int8=False)

@@ -89,3 +89,15 @@ def test_bild_with_int8_layers_and_a_draft_vocabulary_is_still_exact():
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False, pad_token_id=0)
     assisted = pair.large.model.generate(ids, assistant_model=small, **kwargs)
     assert assisted.tolist() == pair.large.model.generate(ids, **kwargs).tolist()
+
+
+def test_decoder_layers_can_stay_fp32_by_index():
+    model = tiny_llama(4, layers=3)
+    quantize_decoder_layers(model, keep=(0,))
+    layers = model.get_decoder().layers
+    assert type(layers[0].mlp.up_proj) is torch.nn.Linear
+    assert all(type(layer.mlp.up_proj) is not torch.nn.Linear for layer in layers[1:])
+    with torch.inference_mode():
+        assert model(torch.tensor([prompt_ids(0, 8)])).logits.isfinite().all()
+    with pytest.raises(ValueError, match="layers to keep"):
+        quantize_decoder_layers(tiny_llama(4, layers=3), keep=(3,))

@@ -183,7 +183,7 @@ def test_streamed_text_equals_the_non_streamed_text(client, sampling):
 
 def test_extra_body_bild_settings(server, client, engine):
     """alpha_RB = 0 makes greedy BiLD lossless: the server then returns the large model's own greedy text."""
-    extra = {"fallback_threshold": 0.9, "rollback_threshold": 0.0, "max_small_steps": 3}
+    extra = {"fallback_threshold": 0.9, "rollback_threshold": 0.0, "max_small_steps": 3, "repeat_ngram": 4}
     response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, extra_body=extra)
     assert response.model_extra["bild"]["config"] | extra == response.model_extra["bild"]["config"]
     assert response.choices[0].text == engine.vanilla(PROMPT, config(), chat=False).text
@@ -369,6 +369,7 @@ _FIELDS = {
     "fallback_threshold": st.floats(-1, 2) | _JSON,
     "rollback_threshold": st.floats(-1, math.inf) | _JSON,
     "max_small_steps": st.integers(-3, 2000) | _JSON,
+    "repeat_ngram": st.integers(-3, 2000) | _JSON,
     "n": st.integers(0, 3) | _JSON,
 }
 _BODIES = st.fixed_dictionaries({}, optional=_FIELDS) | st.dictionaries(st.text(max_size=10), _JSON, max_size=4) | _JSON

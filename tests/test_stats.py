@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -110,3 +111,24 @@ def test_small_eos_is_checked_before_generation_ends():
     # 6 7 <eos> -> rolled back to 8; 9 10 40 (length reached) -> rolled back to 11
     assert result.token_ids == [6, 7, 8, 9, 10, 11]
     assert result.stats.rollbacks == 2 and result.finish_reason == "length"
+
+
+def looping_pair() -> ModelPair:
+    """The scripted pair, but after 9 the small model confidently goes back to 6 (a loop 6 7 8 9 6 7 8 9 ...)."""
+    pair = scripted_pair()
+    small = successor_table()
+    small[9] = 0.0
+    small[9, 6] = 10.0
+    pair.small.model.table.copy_(small)
+    return pair
+
+
+def test_repeat_guard_rolls_back_a_loop_the_large_model_would_leave():
+    engine = BiLD(looping_pair())
+    loose = BiLDConfig(fallback_threshold=0.5, rollback_threshold=float("inf"), max_small_steps=10, max_new_tokens=14)
+    assert engine.generate_ids([5], loose).token_ids == [6, 7, 8, 9] * 3 + [6, 7]
+    # the guard (bigrams): 6 7 8 9 | 6 7 8 9 repeat bigrams the large model also picks, so they stay; the third 6
+    # repeats (9, 6), which the large model would not write: rolled back to 10 (the 7 after it is discarded too)
+    result = engine.generate_ids([5], replace(loose, repeat_ngram=2))
+    assert result.token_ids == [6, 7, 8, 9, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+    assert (result.stats.rollbacks, result.stats.tokens_discarded) == (1, 2)

@@ -47,6 +47,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     bild = parser.add_argument_group("decoding (greedy, as in the paper)")
     bild.add_argument("--max-small-steps", type=int, default=10, help="N (default: %(default)s)")
     bild.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
+    bild.add_argument("--repeat-ngram", type=int, default=0, metavar="N",
+                      help="repetition guard of every BiLD method (not in the paper); 0 = off (default: %(default)s)")
     output = parser.add_argument_group("output")
     output.add_argument("--json-out", type=Path, help="write the summary JSON here")
     output.add_argument("--out-dir", type=Path, help="write per-example rows to OUT_DIR/examples.jsonl as they finish")
@@ -130,7 +132,8 @@ def _load_inputs(args: argparse.Namespace, config_overrides: dict):
         import torch
 
         torch.set_num_threads(args.threads)
-    config = BiLDConfig(max_small_steps=args.max_small_steps, max_new_tokens=args.max_new_tokens, **config_overrides)
+    config = BiLDConfig(max_small_steps=args.max_small_steps, max_new_tokens=args.max_new_tokens,
+                        repeat_ngram=args.repeat_ngram, **config_overrides)
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     template = args.prompt_template.replace("\\n", "\n") if args.prompt_template else None  # a typed \n is a newline

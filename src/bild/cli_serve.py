@@ -19,7 +19,8 @@ examples:
   curl http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
     -d '{{"model": "{DEFAULT_LARGE}", "prompt": "The capital of France is", "max_tokens": 20}}'
 
-Per-request BiLD settings are extra body fields: fallback_threshold, rollback_threshold, max_small_steps.
+Per-request BiLD settings are extra body fields: fallback_threshold, rollback_threshold, max_small_steps,
+repeat_ngram.
 GET /metrics serves Prometheus metrics; GET /health answers 200 while the generation worker runs.
 """
 

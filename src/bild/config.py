@@ -36,6 +36,9 @@ class BiLDConfig:
     rollback_threshold: float = 5.0  # alpha_RB: roll back a small token whose NLL under the large model exceeds it
     max_small_steps: int = 10  # N: most small-model tokens in a row before the large model checks them anyway
     max_new_tokens: int = 128  # generation stops after this many new tokens
+    # not in the paper: a small token that completes a token n-gram already in the output is rolled back whenever the
+    # large model would pick another token there (alpha_RB = 0 for repeats); 0 turns the guard off
+    repeat_ngram: int = 0
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
@@ -54,6 +57,8 @@ class BiLDConfig:
             raise ValueError(f"max_small_steps (N) must be an integer >= 1, got {self.max_small_steps!r}")
         if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not (isinstance(self.repeat_ngram, int) and self.repeat_ngram >= 0):
+            raise ValueError(f"repeat_ngram must be an integer >= 0 (0 = no repetition guard), got {self.repeat_ngram!r}")
         if not isinstance(self.sampling, SamplingConfig):
             raise ValueError(f"sampling must be a SamplingConfig, got {type(self.sampling).__name__}")
 

@@ -19,7 +19,7 @@ from bild.cache import CachedDecoder
 from bild.config import BiLDConfig, FinishReason, GenerationResult, GenerationStats
 from bild.cpu import use_cpu_kernels
 from bild.models import LoadedModel, ModelPair
-from bild.policies import find_rollback, should_fall_back
+from bild.policies import find_rollback, repeated_ngrams, should_fall_back
 from bild.sampling import make_generator, pick, top_probability
 
 logger = logging.getLogger(__name__)
@@ -230,7 +230,11 @@ class BiLD:
         large_logits = large.forward(run.tokens, keep=run.small_run + 1)  # (small_run + 1, vocab)
         draft_rows = large_logits[:-1]  # (small_run, vocab)
         drafts = torch.tensor(run.tokens[first_draft:], dtype=torch.long, device=draft_rows.device)  # (small_run,)
-        rollback = find_rollback(draft_rows, drafts, config.rollback_threshold, config.sampling, generator)
+        strict = None
+        if config.repeat_ngram:  # drafts that repeat an n-gram of the output are checked as if alpha_RB were 0
+            flags = repeated_ngrams(run.tokens, run.output_start, first_draft, config.repeat_ngram)
+            strict = torch.tensor(flags, dtype=torch.bool, device=draft_rows.device)
+        rollback = find_rollback(draft_rows, drafts, config.rollback_threshold, config.sampling, generator, strict)
         if rollback is not None:
             position = first_draft + rollback.index
             run.discarded += len(run.tokens) - position

@@ -31,8 +31,11 @@ def find_rollback(
     threshold: float,
     sampling: SamplingConfig,
     generator: torch.Generator | None,
+    strict: torch.Tensor | None = None,
 ) -> Rollback | None:
     """Rollback policy: the first draft token whose NLL under the large model exceeds `threshold`.
+
+    strict: (num_drafts,) bool, drafts checked at threshold 0 whatever `threshold` is (the repetition guard).
 
     large_logits: (num_drafts, vocab), row i is the large model's prediction for draft_tokens[i]; draft_tokens:
     (num_drafts,). The NLL is the cross-entropy between the small model's hard label and the large model's raw
@@ -43,11 +46,14 @@ def find_rollback(
     would roll back every token, since no token has NLL exactly 0; with it, alpha_RB = 0 returns exactly the large
     model's greedy output.
     """
-    if draft_tokens.numel() == 0 or threshold == float("inf"):
+    any_strict = strict is not None and bool(strict.any())
+    if draft_tokens.numel() == 0 or (threshold == float("inf") and not any_strict):
         return None
     log_probs = torch.log_softmax(large_logits.float(), dim=-1)  # (num_drafts, vocab)
     nll = -log_probs.gather(-1, draft_tokens[:, None]).squeeze(-1)  # (num_drafts,)
     suspects = nll > threshold
+    if any_strict:
+        suspects |= strict
     if sampling.greedy:  # vectorized: the large pick is the argmax
         suspects &= large_logits.argmax(dim=-1) != draft_tokens
         hits = suspects.nonzero()
@@ -60,3 +66,21 @@ def find_rollback(
         if replacement != int(draft_tokens[index]):
             return Rollback(index=index, replacement=replacement)
     return None
+
+
+def repeated_ngrams(tokens: list[int], output_start: int, first: int, n: int) -> list[bool]:
+    """For each position p in tokens[first:]: does the n-gram ending at p occur earlier, wholly inside the output?
+
+    The output is tokens[output_start:]; n-grams reaching into the prompt never count (copying from the prompt is
+    what summaries and rewrites do). n = 0: nothing counts.
+    """
+    flags = [False] * (len(tokens) - first)
+    if n == 0:
+        return flags
+    seen: set[tuple[int, ...]] = set()
+    for end in range(output_start + n, len(tokens) + 1):
+        gram = tuple(tokens[end - n : end])
+        if end - 1 >= first and gram in seen:
+            flags[end - 1 - first] = True
+        seen.add(gram)
+    return flags

@@ -34,13 +34,18 @@ def quantize_output_layer(model: PreTrainedModel, draft_vocab: torch.Tensor | No
     return model
 
 
-def quantize_decoder_layers(model: PreTrainedModel) -> PreTrainedModel:
+def quantize_decoder_layers(model: PreTrainedModel, keep: Iterable[int] = ()) -> PreTrainedModel:
     """Per-channel dynamic-int8 copies of every linear layer inside the decoder layers, in place; returns the model.
 
-    For a little model whose layers are its own (not shared with the large model). Inference on a CPU only.
+    keep: indices of decoder layers left in fp32. For a little model whose layers are its own (not shared with the
+    large model). Inference on a CPU only.
     """
     layers = model.get_decoder().layers
-    model.get_decoder().layers = _dynamic_int8(layers)
+    kept = set(keep)
+    if not kept <= set(range(len(layers))):
+        raise ValueError(f"layers to keep {sorted(kept)} are not all among the model's {len(layers)} decoder layers")
+    for index in set(range(len(layers))) - kept:
+        layers[index] = _dynamic_int8(layers[index])
     return model
 
 

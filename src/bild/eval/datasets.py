@@ -12,9 +12,9 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
-from bild.eval import docsum
+from bild.eval import docsum, mansum
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,10 @@ HUB_DATASETS: dict[str, HubDataset] = {
     "xsum": HubDataset("EdinburghNLP/xsum", None, "test", "document", "summary", SUMMARIZE_ONE_SENTENCE, "rougeL"),
     "cnn_dailymail": HubDataset("abisee/cnn_dailymail", "3.0.0", "test", "article", "highlights", "Summarize:\n{source}", "rougeL"),
 }
-BUILTIN_DATASETS = {"docsum": docsum.DEFAULT_PATH}
+BUILTIN_DATASETS: dict[str, Callable[[], Path]] = {  # name -> its file (mansum is built on first use)
+    "docsum": lambda: docsum.DEFAULT_PATH,
+    "mansum": mansum.ensure_built,
+}
 
 
 def dataset_names() -> list[str]:
@@ -84,7 +87,10 @@ def load_dataset(
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be a positive number of examples, got {limit}")
     if name_or_path in BUILTIN_DATASETS:
-        examples = read_file(BUILTIN_DATASETS[name_or_path])
+        try:
+            examples = read_file(BUILTIN_DATASETS[name_or_path]())
+        except mansum.ManPagesMissing as error:
+            raise DatasetError(str(error)) from None
         default_template, default_metric = SUMMARIZE_ONE_SENTENCE, "rougeL"
     elif name_or_path in HUB_DATASETS:
         spec = HUB_DATASETS[name_or_path]

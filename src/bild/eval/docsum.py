@@ -26,8 +26,13 @@ MIN_SOURCE_CHARS, MAX_SOURCE_CHARS = 150, 1500
 MIN_SOURCE_SENTENCES = 2
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
+
+
+def sentence_ends(text: str) -> list[str]:
+    """The sentence ends (., ! or ? before a space or the end) in ``text``."""
+    return _SENTENCE_END.findall(text)
 
 
 def example_from_docstring(doc: textsource.Docstring) -> dict[str, str] | None:
@@ -35,15 +40,15 @@ def example_from_docstring(doc: textsource.Docstring) -> dict[str, str] | None:
     parts = re.split(r"\n\s*\n", doc.text, maxsplit=1)
     if len(parts) < 2:
         return None  # a one-paragraph docstring has nothing to summarize
-    reference = _one_line(parts[0])
+    reference = one_line(parts[0])
     if not _SENTENCE.match(reference) or not MIN_SUMMARY_WORDS <= len(reference.split()) <= MAX_SUMMARY_WORDS:
         return None
-    prose = [_one_line(paragraph) for paragraph in textsource.paragraphs(parts[1], min_chars=40)]
+    prose = [one_line(paragraph) for paragraph in textsource.paragraphs(parts[1], min_chars=40)]
     # A trailing "... as follows:" introduces code that paragraphs() dropped; the dangling sentence goes too.
     source = re.sub(r"(?<=[.!?])\s[^.!?]*:$", "", " ".join(prose)).strip()
     if not MIN_SOURCE_CHARS <= len(source) <= MAX_SOURCE_CHARS:
         return None
-    if len(_SENTENCE_END.findall(source)) < MIN_SOURCE_SENTENCES:
+    if len(sentence_ends(source)) < MIN_SOURCE_SENTENCES:
         return None
     return {"id": doc.dotted_name, "source": source, "reference": reference}
 

@@ -262,6 +262,7 @@ def _request_config(server: _Server, params: GenerationParams, prompt_tokens: in
             fallback_threshold=pick(params.fallback_threshold, defaults.fallback_threshold),
             rollback_threshold=pick(params.rollback_threshold, defaults.rollback_threshold),
             max_small_steps=pick(params.max_small_steps, defaults.max_small_steps),
+            repeat_ngram=pick(params.repeat_ngram, defaults.repeat_ngram),
             max_new_tokens=max_new_tokens,
             sampling=sampling,
         )
@@ -305,6 +306,7 @@ class _Answer:
             "fallback_threshold": self.config.fallback_threshold,
             "rollback_threshold": _finite_or_str(self.config.rollback_threshold),
             "max_small_steps": self.config.max_small_steps,
+            "repeat_ngram": self.config.repeat_ngram,
             "max_new_tokens": self.config.max_new_tokens,
             "temperature": self.config.sampling.temperature,
             "top_p": self.config.sampling.top_p,
