@@ -163,6 +163,8 @@ def test_stream_chunks_add_up_to_the_result(family):
         ({"rollback_threshold": float("nan")}, "rollback_threshold"),
         ({"max_small_steps": 0}, "max_small_steps"),
         ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"repeat_ngram": -1}, "repeat_ngram"),
+        ({"repeat_ngram": 2.5}, "repeat_ngram"),
     ],
 )
 def test_invalid_config_is_refused(kwargs, message):

@@ -125,7 +125,8 @@ def looping_pair() -> ModelPair:
 
 def test_repeat_guard_rolls_back_a_loop_the_large_model_would_leave():
     engine = BiLD(looping_pair())
-    loose = BiLDConfig(fallback_threshold=0.5, rollback_threshold=float("inf"), max_small_steps=10, max_new_tokens=14)
+    loose = BiLDConfig(fallback_threshold=0.5, rollback_threshold=float("inf"), max_small_steps=10, max_new_tokens=14,
+                       repeat_ngram=0)
     assert engine.generate_ids([5], loose).token_ids == [6, 7, 8, 9] * 3 + [6, 7]
     # the guard (bigrams): 6 7 8 9 | 6 7 8 9 repeat bigrams the large model also picks, so they stay; the third 6
     # repeats (9, 6), which the large model would not write: rolled back to 10 (the 7 after it is discarded too)

@@ -195,8 +195,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         print(f"[{_speed_line(result, vanilla)}]")
     if total_bild:
         per_token = _per_token_speedup(total_bild, tokens_bild, total_vanilla, tokens_vanilla)
+        guard = f", repeat guard {config.repeat_ngram}" if config.repeat_ngram else ""
         print(f"\noverall, this run, at fallback {config.fallback_threshold}, rollback {config.rollback_threshold}, "
-              f"N {config.max_small_steps}: "
+              f"N {config.max_small_steps}{guard}: "
               f"sum of vanilla times / sum of BiLD times = {total_vanilla / total_bild:.2f}x; per token {per_token:.2f}x")
 
 

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bild.config import BiLDConfig
 from bild.models import DEFAULT_LARGE, DEFAULT_SMALL
 
 DEFAULT_METHODS = "vanilla,bild,bild-lossless,hf-assisted,speculative,small"
@@ -47,8 +48,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     bild = parser.add_argument_group("decoding (greedy, as in the paper)")
     bild.add_argument("--max-small-steps", type=int, default=10, help="N (default: %(default)s)")
     bild.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
-    bild.add_argument("--repeat-ngram", type=int, default=0, metavar="N",
-                      help="repetition guard of every BiLD method (not in the paper); 0 = off (default: %(default)s)")
+    bild.add_argument("--repeat-ngram", type=int, default=BiLDConfig().repeat_ngram, metavar="N",
+                      help="repetition guard of the BiLD methods (not in the paper); 0 = off (default: %(default)s)")
     output = parser.add_argument_group("output")
     output.add_argument("--json-out", type=Path, help="write the summary JSON here")
     output.add_argument("--out-dir", type=Path, help="write per-example rows to OUT_DIR/examples.jsonl as they finish")
@@ -123,7 +124,6 @@ def _progress(args: argparse.Namespace, total: int, label: str):
 
 
 def _load_inputs(args: argparse.Namespace, config_overrides: dict):
-    from bild.config import BiLDConfig
     from bild.eval.datasets import load_dataset
 
     if args.threads is not None:
@@ -213,7 +213,6 @@ def _cell(key: str, value) -> str:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from bild.config import BiLDConfig
     from bild.eval.harness import write_json
     from bild.eval.sweep import default_grid, plot, run_sweep as sweep
     from bild.models import check_same_vocabulary, load_model

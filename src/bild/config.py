@@ -37,8 +37,8 @@ class BiLDConfig:
     max_small_steps: int = 10  # N: most small-model tokens in a row before the large model checks them anyway
     max_new_tokens: int = 128  # generation stops after this many new tokens
     # not in the paper: a small token that completes a token n-gram already in the output is rolled back whenever the
-    # large model would pick another token there (alpha_RB = 0 for repeats); 0 turns the guard off
-    repeat_ngram: int = 0
+    # large model would pick another token there (alpha_RB = 0 for repeats); 0 turns the guard off (Algorithm 1 as is)
+    repeat_ngram: int = 4
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:

@@ -160,9 +160,9 @@ def _speculative(context: MethodContext) -> Method:
     return bild_method(context, fallback_threshold=0.0, rollback_threshold=0.0, max_small_steps=context.draft_window)
 
 
-@register_method("bild-no-rollback", needs_small=True, description="ablation: rollback threshold infinity")
+@register_method("bild-no-rollback", needs_small=True, description="ablation: rollback threshold infinity, no repetition guard")
 def _bild_no_rollback(context: MethodContext) -> Method:
-    return bild_method(context, rollback_threshold=math.inf)
+    return bild_method(context, rollback_threshold=math.inf, repeat_ngram=0)
 
 
 @register_method("bild-no-fallback", needs_small=True, description="ablation: N small steps, then one large pass")
