@@ -35,11 +35,10 @@ def find_rollback(
 ) -> Rollback | None:
     """Rollback policy: the first draft token whose NLL under the large model exceeds `threshold`.
 
-    strict: (num_drafts,) bool, drafts checked at threshold 0 whatever `threshold` is (the repetition guard).
-
     large_logits: (num_drafts, vocab), row i is the large model's prediction for draft_tokens[i]; draft_tokens:
     (num_drafts,). The NLL is the cross-entropy between the small model's hard label and the large model's raw
-    (temperature 1) distribution, as in the paper.
+    (temperature 1) distribution, as in the paper. strict: (num_drafts,) bool, drafts checked at threshold 0 whatever
+    `threshold` is (the repetition guard).
 
     Deliberate deviation (as in the official code): when the large model's own pick for that position equals the
     draft token, nothing would change, so no rollback happens there and checking continues. Without it, alpha_RB = 0

@@ -63,15 +63,20 @@ def iter_examples(root: Path | None = None) -> Iterator[dict[str, str]]:
             yield example
 
 
-def build(path: Path = DEFAULT_PATH, root: Path | None = None) -> int:
-    """Write the dev set to ``path`` (atomically) and return its number of examples."""
-    examples = list(iter_examples(root))
+def write_examples(path: Path, examples: list[dict[str, str]]) -> int:
+    """Write examples as JSONL to ``path`` (atomically, making its folder) and return how many."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     with partial.open("w", encoding="utf-8") as handle:
         for example in examples:
             handle.write(json.dumps(example, ensure_ascii=False) + "\n")
     partial.replace(path)
     return len(examples)
+
+
+def build(path: Path = DEFAULT_PATH, root: Path | None = None) -> int:
+    """Write the dev set to ``path`` (atomically) and return its number of examples."""
+    return write_examples(path, list(iter_examples(root)))
 
 
 if __name__ == "__main__":

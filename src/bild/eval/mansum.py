@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -25,7 +24,8 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from bild.eval.docsum import MAX_SOURCE_CHARS, MIN_SOURCE_CHARS, MIN_SOURCE_SENTENCES, one_line, sentence_ends
+from bild.eval.docsum import (MAX_SOURCE_CHARS, MIN_SOURCE_CHARS, MIN_SOURCE_SENTENCES, one_line, sentence_ends,
+                              write_examples)
 
 MAN_DIR = Path("/usr/share/man/man1")
 SIZE = 200  # examples in the set
@@ -148,13 +148,7 @@ def build(path: Path, man_dir: Path | None = None, size: int = SIZE) -> int:
             bar.update()
             if len(examples) == size:
                 break
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", encoding="utf-8") as handle:
-        for example in examples:
-            handle.write(json.dumps(example, ensure_ascii=False) + "\n")
-    partial.replace(path)
-    return len(examples)
+    return write_examples(path, examples)
 
 
 def ensure_built(path: Path | None = None) -> Path:
