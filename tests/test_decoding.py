@@ -215,7 +215,9 @@ def test_no_model_recomputes_a_cached_token(family, monkeypatch):
 
 def test_repeated_ngrams_counts_only_the_output():
     tokens = [5, 6, 7, 1, 2, 1, 2, 1, 5, 6, 7]  # prompt [5, 6, 7], then the output
-    assert repeated_ngrams(tokens, 3, 3, 2) == [False, False, False, True, True, False, False, False]
-    assert repeated_ngrams(tokens, 3, 7, 2) == [True, False, False, False]
-    assert repeated_ngrams(tokens, 3, 3, 0) == [False] * 8
-    assert repeated_ngrams(tokens, 0, 8, 3) == [False, False, True]
+    output = tokens[3:]
+    assert repeated_ngrams(output, 0, 2) == [False, False, False, True, True, False, False, False]
+    assert repeated_ngrams(output, 4, 2) == [True, False, False, False]
+    assert repeated_ngrams(output, 4, 2, earlier={(1, 2), (2, 1)}) == [True, False, False, False]
+    assert repeated_ngrams(output, 0, 0) == [False] * 8
+    assert repeated_ngrams(tokens, 8, 3) == [False, False, True]

@@ -19,7 +19,7 @@ from bild.cache import CachedDecoder
 from bild.config import BiLDConfig, FinishReason, GenerationResult, GenerationStats
 from bild.cpu import use_cpu_kernels
 from bild.models import LoadedModel, ModelPair
-from bild.policies import find_rollback, repeated_ngrams, should_fall_back
+from bild.policies import find_rollback, ngram_ending_at, repeated_ngrams, should_fall_back
 from bild.sampling import make_generator, pick, top_probability
 
 logger = logging.getLogger(__name__)
@@ -48,6 +48,8 @@ class _Run:
     discarded: int = 0
     fallbacks: int = 0
     rollbacks: int = 0
+    output_ngrams: set[tuple[int, ...]] = field(default_factory=set)  # repetition guard: n-grams of the final output
+    ngrams_before: int = 0  # ... ending at output positions before this one
 
     @property
     def num_new(self) -> int:
@@ -232,7 +234,7 @@ class BiLD:
         drafts = torch.tensor(run.tokens[first_draft:], dtype=torch.long, device=draft_rows.device)  # (small_run,)
         strict = None
         if config.repeat_ngram:  # drafts that repeat an n-gram of the output are checked as if alpha_RB were 0
-            flags = repeated_ngrams(run.tokens, run.output_start, first_draft, config.repeat_ngram)
+            flags = self._repeats(run, first_draft, config.repeat_ngram)
             strict = torch.tensor(flags, dtype=torch.bool, device=draft_rows.device)
         rollback = find_rollback(draft_rows, drafts, config.rollback_threshold, config.sampling, generator, strict)
         if rollback is not None:
@@ -248,6 +250,18 @@ class BiLD:
             run.tokens.append(pick(large_logits[-1], config.sampling, generator))
         run.small_run = 0
         run.checked = len(run.tokens)
+
+
+    @staticmethod
+    def _repeats(run: _Run, first_draft: int, n: int) -> list[bool]:
+        """repeated_ngrams for the drafts. The final prefix only grows (rollbacks never reach before the first
+        draft), so its n-grams are kept in the run and each pass adds only the new ones."""
+        output = run.tokens[run.output_start :]
+        first = first_draft - run.output_start
+        for position in range(max(run.ngrams_before, n - 1), first):
+            run.output_ngrams.add(ngram_ending_at(output, position, n))
+        run.ngrams_before = max(run.ngrams_before, first)
+        return repeated_ngrams(output, first, n, run.output_ngrams)
 
 
 def _stats(run: _Run, decoders: dict[str, CachedDecoder], start: float) -> GenerationStats:

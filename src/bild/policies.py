@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -67,19 +68,26 @@ def find_rollback(
     return None
 
 
-def repeated_ngrams(tokens: list[int], output_start: int, first: int, n: int) -> list[bool]:
-    """For each position p in tokens[first:]: does the n-gram ending at p occur earlier, wholly inside the output?
+def ngram_ending_at(sequence: Sequence[Hashable], position: int, n: int) -> tuple:
+    """The n items of ``sequence`` ending at ``position`` (position >= n - 1)."""
+    return tuple(sequence[position - n + 1 : position + 1])
 
-    The output is tokens[output_start:]; n-grams reaching into the prompt never count (copying from the prompt is
-    what summaries and rewrites do). n = 0: nothing counts.
+
+def repeated_ngrams(output: Sequence[Hashable], first: int, n: int, earlier: set[tuple] | None = None) -> list[bool]:
+    """For each position p in output[first:]: does the n-gram ending at p occur earlier in the output? n = 0: none.
+
+    The output excludes the prompt (copying from the prompt is what summaries and rewrites do). earlier: the n-grams
+    ending before ``first``, when the caller keeps them across calls (the BiLD loop does, as its final prefix only
+    grows); None collects them here. It is read, never changed.
     """
-    flags = [False] * (len(tokens) - first)
+    flags = [False] * (len(output) - first)
     if n == 0:
         return flags
-    seen: set[tuple[int, ...]] = set()
-    for end in range(output_start + n, len(tokens) + 1):
-        gram = tuple(tokens[end - n : end])
-        if end - 1 >= first and gram in seen:
-            flags[end - 1 - first] = True
-        seen.add(gram)
+    if earlier is None:
+        earlier = {ngram_ending_at(output, position, n) for position in range(n - 1, first)}
+    later: set[tuple] = set()
+    for position in range(max(first, n - 1), len(output)):
+        gram = ngram_ending_at(output, position, n)
+        flags[position - first] = gram in earlier or gram in later
+        later.add(gram)
     return flags

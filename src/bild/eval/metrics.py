@@ -5,6 +5,8 @@ from __future__ import annotations
 import sacrebleu
 from rouge_score import rouge_scorer
 
+from bild.policies import repeated_ngrams
+
 
 def rouge_l(predictions: list[str], references: list[str]) -> float | None:
     """Mean ROUGE-L F-measure over examples, x100 (stemmed, as in the usual XSUM/CNN-DM numbers); None if empty."""
@@ -34,9 +36,8 @@ def repetition(predictions: list[str], n: int = 4) -> float | None:
     shares = []
     for prediction in predictions:
         words = prediction.split()
-        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
-        if grams:
-            shares.append(1.0 - len(set(grams)) / len(grams))
+        if len(words) >= n:
+            shares.append(sum(repeated_ngrams(words, 0, n)) / (len(words) - n + 1))
     return 100.0 * sum(shares) / len(shares) if shares else None
 
 
