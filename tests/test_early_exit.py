@@ -8,7 +8,7 @@ import torch
 
 from bild.config import BiLDConfig
 from bild.decoding import BiLD
-from bild.early_exit import EarlyExitModel, early_exit_model, make_exit_block, shared_decoders
+from bild.drafters.early_exit import EarlyExitModel, early_exit_model, make_exit_block, shared_decoders
 from bild.models import ModelLoadError, ModelPair, load_model
 
 from conftest import loaded, make_pair, prompt_ids, tiny_llama, tiny_tokenizer, watch_large_passes
@@ -203,7 +203,7 @@ def test_eval_method_uses_the_pairs_early_exit():
 
 @pytest.mark.slow
 def test_shipped_exit_round_trip_and_lossless_on_real_weights(tmp_path):
-    from bild.early_exit import ExitSpec, load_exit, save_exit
+    from bild.drafters.early_exit import ExitSpec, load_exit, save_exit
 
     large = load_model("smollm2-135m-instruct")
     model = EarlyExitModel(large.model, 4, make_exit_block(large.model, 29))

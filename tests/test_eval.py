@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from bild import cli_eval
+from bild.cli import main as bild_main
 from bild.config import BiLDConfig
 from bild.eval import datasets, docsum, mansum, metrics
 from bild.eval.datasets import DataFormatError, DatasetError, EvalDataset, Example, load_dataset
 from bild.eval.harness import evaluate, summarize
 from bild.eval.methods import method_names
 from bild.eval.sweep import SweepPoint, SweepResult, plot, run_sweep
-from bild.textsource import is_eval_module
+from bild.train.sources import is_eval_module
 
 from conftest import make_pair
 
@@ -316,7 +316,7 @@ def write_tiny_jsonl(path: Path, n: int = 3) -> Path:
 def test_cli_eval_end_to_end(tmp_path, saved_pair, capsys):
     large, small = saved_pair
     data = write_tiny_jsonl(tmp_path / "d.jsonl")
-    code = cli_eval.main([
+    code = bild_main([
         "eval", "--dataset", str(data), "--large", str(large), "--small", str(small), "--prompt-template", "{source}",
         "--methods", "vanilla,bild,bild-lossless", "--max-new-tokens", "5", "--json-out", str(tmp_path / "s.json"),
         "--out-dir", str(tmp_path / "rows"), "--no-progress", "--threads", "1",
@@ -332,7 +332,7 @@ def test_cli_eval_end_to_end(tmp_path, saved_pair, capsys):
 def test_cli_sweep_end_to_end(tmp_path, saved_pair, capsys):
     large, small = saved_pair
     data = write_tiny_jsonl(tmp_path / "d.jsonl", n=2)
-    code = cli_eval.main([
+    code = bild_main([
         "sweep", "--dataset", str(data), "--large", str(large), "--small", str(small), "--small-unaligned", str(small),
         "--prompt-template", "{source}", "--fallback-thresholds", "0.4", "--rollback-thresholds", "0,2",
         "--max-new-tokens", "4", "--json-out", str(tmp_path / "sweep.json"), "--no-progress",
@@ -358,6 +358,6 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"source": "a", "reference": "b"}\n{oops\n')
     argv = [str(bad) if part == "{bad}" else part for part in argv]
-    assert cli_eval.main(argv) == 2
+    assert bild_main(argv) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("bild ") and re.search(message, error[0])

@@ -7,7 +7,7 @@ import zlib
 import pytest
 import torch
 
-from bild.textsource import is_eval_module, iter_docstrings, module_name, paragraphs, stdlib_dir
+from bild.train.sources import is_eval_module, iter_docstrings, module_name, paragraphs, stdlib_dir
 
 
 def test_eval_rule_uses_the_top_level_package():
@@ -38,7 +38,7 @@ def test_paragraphs_skip_doctests():
 
 
 def test_prompts_are_seeded_prefix_stable_and_train_only():
-    from bild.little import build_prompts
+    from bild.train.prompts import build_prompts
 
     few, many = build_prompts(20, seed=0), build_prompts(40, seed=0)
     assert few == many[:20]  # a smaller run uses a prefix of the same prompts (and of the calibration file)
@@ -47,7 +47,7 @@ def test_prompts_are_seeded_prefix_stable_and_train_only():
 
 
 def test_more_prompts_than_docstrings_ask_again_about_the_same_docstrings():
-    from bild.little import build_prompts
+    from bild.train.prompts import build_prompts
 
     first_round = build_prompts(10**6, seed=0, max_rounds=1)  # one prompt per training docstring
     more = build_prompts(len(first_round) + 50, seed=0)
@@ -57,9 +57,9 @@ def test_more_prompts_than_docstrings_ask_again_about_the_same_docstrings():
 
 
 def test_held_out_docstrings_stay_held_out_in_every_round():
-    from bild.align import CalibrationRecord
-    from bild.little import build_prompts, prompts_per_round
-    from bild.little_train import split_by_index
+    from bild.train.align import CalibrationRecord
+    from bild.train.prompts import build_prompts, prompts_per_round
+    from bild.train.little import split_by_index
 
     per_round = prompts_per_round()
     examples = build_prompts(2 * per_round, seed=0)
@@ -75,9 +75,9 @@ def test_held_out_docstrings_stay_held_out_in_every_round():
 
 @pytest.mark.slow
 def test_little_model_round_trip_and_assisted_generation(tmp_path):
-    from bild.little import build_little, load_little, own_state, save_little
+    from bild.drafters.little import build_little, load_little, own_state, save_little
     from bild.models import load_model
-    from bild.quantize import DraftHead
+    from bild.drafters.quantize import DraftHead
 
     large = load_model("smollm2-135m-instruct")
     little = build_little(large, (0, 1))
@@ -118,8 +118,8 @@ def test_shipped_weights_were_built_by_the_recipe_make_little_runs():
     import json
     from dataclasses import asdict
 
-    from bild.little import WEIGHTS_DIR
-    from bild.little_train import LittleConfig
+    from bild.drafters import WEIGHTS_DIR
+    from bild.train.little import LittleConfig
 
     config = LittleConfig()
     report = json.loads((WEIGHTS_DIR / "little-report.json").read_text())
@@ -132,10 +132,11 @@ def test_shipped_weights_were_built_by_the_recipe_make_little_runs():
 
 @pytest.mark.slow
 def test_shipped_little_models_load_by_name_and_fit_the_budget():
-    from bild.little import WEIGHTS_DIR, load_little
-    from bild.little_train import LittleConfig
+    from bild.drafters import WEIGHTS_DIR
+    from bild.drafters.little import load_little
+    from bild.train.little import LittleConfig
     from bild.models import check_same_vocabulary, load_model
-    from bild.quantize import DraftHead
+    from bild.drafters.quantize import DraftHead
 
     total = sum((WEIGHTS_DIR / f"{v}.safetensors").stat().st_size for v in ("aligned", "unaligned"))
     assert total <= 32e6
@@ -174,7 +175,7 @@ def test_low_rank_little_trains_only_deltas_and_merges_into_an_ordinary_llama(tm
     from conftest import loaded, tiny_llama, tiny_tokenizer
     from safetensors.torch import load_file, save_file
 
-    from bild.little import LowRankDelta, build_little, merge_low_rank, own_state
+    from bild.drafters.little import LowRankDelta, build_little, merge_low_rank, own_state
 
     large = loaded("large", tiny_llama(0, layers=4), tiny_tokenizer())
     little = build_little(large, (0, 3), delta_rank=2)
@@ -209,7 +210,7 @@ def _committed_records(name: str) -> list:
     import json
     from pathlib import Path
 
-    from bild.align import CalibrationRecord
+    from bild.train.align import CalibrationRecord
 
     path = Path(__file__).parent.parent / "data" / f"{name}.jsonl.gz"
     with gzip.open(path, "rt", encoding="utf-8") as source:
@@ -219,7 +220,7 @@ def _committed_records(name: str) -> list:
 def test_committed_calibration_data_matches_the_prompts_it_was_made_for():
     import sys
 
-    from bild.little import build_prompts
+    from bild.train.prompts import build_prompts
 
     records = _committed_records("little-calibration")
     assert [record.index for record in records] == list(range(3333))
@@ -230,8 +231,8 @@ def test_committed_calibration_data_matches_the_prompts_it_was_made_for():
 
 
 def test_committed_package_calibration_data_matches_the_torch_prompts():
-    from bild.little import build_package_prompts
-    from bild.little_train import LittleConfig
+    from bild.train.prompts import build_package_prompts
+    from bild.train.little import LittleConfig
 
     config = LittleConfig()
     records = _committed_records(f"little-calibration-{config.package}")
@@ -258,8 +259,8 @@ def _fake_package(root, name="fakepkg"):
 
 
 def test_package_prompts_skip_vendored_and_testing_code_and_are_prefix_stable(tmp_path, monkeypatch):
-    from bild.little import build_package_prompts
-    from bild.textsource import iter_package_docstrings
+    from bild.train.prompts import build_package_prompts
+    from bild.train.sources import iter_package_docstrings
 
     name = _fake_package(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -272,15 +273,15 @@ def test_package_prompts_skip_vendored_and_testing_code_and_are_prefix_stable(tm
 
 
 def test_missing_package_is_a_clear_error():
-    from bild.textsource import package_dir
+    from bild.train.sources import package_dir
 
     with pytest.raises(FileNotFoundError, match="not installed"):
         package_dir("no_such_package_bild_test")
 
 
 def test_package_prompts_are_held_out_by_index():
-    from bild.align import CalibrationRecord
-    from bild.little_train import split_by_index
+    from bild.train.align import CalibrationRecord
+    from bild.train.little import split_by_index
 
     records = [CalibrationRecord(index, f"p{index}", [1], [2]) for index in range(25)]
     train, heldout = split_by_index(records, heldout_every=10, per_round=25)

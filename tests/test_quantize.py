@@ -11,7 +11,7 @@ from bild.decoding import BiLD
 from bild.models import ModelPair
 import pytest
 
-from bild.quantize import DraftHead, draft_vocabulary, quantize_decoder_layers, quantize_output_layer
+from bild.drafters.quantize import DraftHead, draft_vocabulary, quantize_decoder_layers, quantize_output_layer
 
 from conftest import loaded, make_pair, prompt_ids, tiny_llama, tiny_tokenizer
 

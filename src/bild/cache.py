@@ -1,5 +1,7 @@
-"""The only code that touches KV caches.
+"""The only code that touches KV caches, and the `Decoder` interface the BiLD loop drives.
 
+A `Decoder` is what the loop calls for one side of the pair (the small or the large model). `CachedDecoder` implements
+it for an ordinary model; drafters that share the large model's cache (early exit) bring their own implementations.
 A `CachedDecoder` wraps one model's decoder and its cache. Invariant: the cache holds exactly the first
 `seen` tokens of the sequence being generated (`cache length == seen`), so a forward call feeds only
 `tokens[seen:]` and no token is ever computed twice. A rollback crops the cache back to a shorter prefix.
@@ -10,12 +12,40 @@ from __future__ import annotations
 
 import inspect
 import time
+from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import PreTrainedModel
 
 
+@runtime_checkable
+class Decoder(Protocol):
+    """One model's view of the sequence being generated, with a KV cache. Invariant: ``seen`` tokens are cached."""
+
+    time_s: float  # seconds spent in this decoder's forward passes
+    calls: int  # forward passes so far
+
+    @property
+    def seen(self) -> int:
+        """How many tokens of the sequence the cache holds."""
+        ...
+
+    def forward(self, tokens: list[int], keep: int | None = None) -> torch.Tensor:
+        """Feed ``tokens[seen:]``; return next-token logits (min(keep, new), vocab) for the last ``keep`` of them."""
+        ...
+
+    def crop(self, length: int) -> None:
+        """Forget every cached token from position ``length`` on (a rollback)."""
+        ...
+
+    def cache_length(self) -> int:
+        """Tokens the underlying cache really holds (== ``seen``: the invariant tests check)."""
+        ...
+
+
 class CachedDecoder:
+    """:class:`Decoder` for an ordinary Hugging Face model: its own cache, created on the first call."""
+
     def __init__(self, model: PreTrainedModel, encoder_input_ids: torch.Tensor | None = None) -> None:
         """encoder_input_ids: (1, source_len) for encoder-decoder models, None for decoder-only models."""
         self.model = model

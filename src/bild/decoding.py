@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from bild.cache import CachedDecoder
+from bild.cache import CachedDecoder, Decoder
 from bild.config import BiLDConfig, FinishReason, GenerationResult, GenerationStats
 from bild.cpu import use_cpu_kernels
 from bild.models import LoadedModel, ModelPair
@@ -177,7 +177,7 @@ class BiLD:
         context_full = self.max_context is not None and len(run.tokens) >= self.max_context
         return run.num_new >= config.max_new_tokens or context_full
 
-    def _decoder(self, role: str, decoders: dict[str, CachedDecoder], prompt_ids: list[int]) -> CachedDecoder:
+    def _decoder(self, role: str, decoders: dict[str, Decoder], prompt_ids: list[int]) -> Decoder:
         """The cached decoder of 'small' or 'large', created (and its encoder run) on first use."""
         if role not in decoders:
             loaded: LoadedModel = getattr(self.pair, role)

@@ -7,6 +7,7 @@ under the cache directory (``$BILD_CACHE`` or ``~/.cache/bild``) so later loads 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
@@ -17,6 +18,8 @@ from typing import Callable
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
+
+from bild.cache import Decoder
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +47,8 @@ class LoadedModel:
     is_encoder_decoder: bool
     is_chat: bool  # the tokenizer has a chat template
     # Small models that share the large model's cache (early exit): factory(large, encoder_ids) -> (small, large)
-    # decoders with the CachedDecoder interface; None for ordinary models (one CachedDecoder each).
-    make_decoders: Callable | None = None
+    # decoders that implement bild.cache.Decoder; None for ordinary models (one CachedDecoder each).
+    make_decoders: Callable[[LoadedModel, torch.Tensor | None], tuple[Decoder, Decoder]] | None = None
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -62,25 +65,29 @@ class ModelPair:
         return self.large.tokenizer
 
 
-# name -> factory(large_model_or_None) -> LoadedModel. Small models built on top of a large model's shared
-# weights (the little models, early exits) receive the already loaded large model.
-_REGISTRY: dict[str, Callable[[LoadedModel | None], LoadedModel]] = {}
-# prefix -> factory(large_model_or_None, argument): names "prefix:argument", e.g. "early-exit:4".
-_FAMILIES: dict[str, Callable[[LoadedModel | None, str], LoadedModel]] = {}
+# The built-in names, resolved lazily: name -> "module:factory", factory(large_or_None) -> LoadedModel. Nothing
+# registers itself at import time; a name's module is imported only when that name is loaded, so an ImportError in
+# it surfaces as itself. Small models built on a large model's shared weights receive the already loaded large model.
+MODEL_NAMES: dict[str, str] = {
+    DEFAULT_LARGE: "bild.models:load_default_large",
+    DEFAULT_SMALL: "bild.drafters.little:load_aligned",
+    "smollm2-little-unaligned": "bild.drafters.little:load_unaligned",
+    "smollm2-early-exit": "bild.drafters.early_exit:load_exit",
+}
+# prefix -> "module:factory", factory(large_or_None, argument): names "prefix:argument", e.g. "early-exit:4".
+MODEL_FAMILIES: dict[str, str] = {
+    "early-exit": "bild.drafters.early_exit:untrained_exit",
+}
 
 
-def register_model(name: str, factory: Callable[[LoadedModel | None], LoadedModel]) -> None:
-    _REGISTRY[name] = factory
+def _resolve(target: str) -> Callable:
+    module_name, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
 
 
-def register_family(prefix: str, factory: Callable[[LoadedModel | None, str], LoadedModel]) -> None:
-    """Names of the form ``prefix:argument`` (e.g. ``early-exit:4``) are built by ``factory(large, argument)``."""
-    _FAMILIES[prefix] = factory
-
-
-def registered_names() -> list[str]:
-    _load_builtin_registrations()
-    return sorted(_REGISTRY)
+def model_names() -> list[str]:
+    """The built-in model names (``load_model`` also takes ``early-exit:K``, directories and hub ids)."""
+    return sorted(MODEL_NAMES)
 
 
 def cache_dir() -> Path:
@@ -123,13 +130,13 @@ def default_large_dir() -> Path:
 
 
 def load_model(name_or_path: str, large: LoadedModel | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a registered name, a local directory or a Hugging Face model id, in eval mode."""
-    _load_builtin_registrations()
-    if name_or_path in _REGISTRY:
-        return _REGISTRY[name_or_path](large)
+    """Load a built-in name (:data:`MODEL_NAMES`, ``early-exit:K``), a local directory or a Hugging Face model id,
+    in eval mode."""
+    if name_or_path in MODEL_NAMES:
+        return _resolve(MODEL_NAMES[name_or_path])(large)
     prefix, colon, argument = name_or_path.partition(":")
-    if colon and prefix in _FAMILIES:
-        return _FAMILIES[prefix](large, argument)
+    if colon and prefix in MODEL_FAMILIES:
+        return _resolve(MODEL_FAMILIES[prefix])(large, argument)
     return _load_pretrained(name_or_path, dtype=dtype)
 
 
@@ -220,17 +227,3 @@ def _output_rows(model) -> int:
     """Rows of the output layer; an int8 (dynamically quantized) head has ``out_features`` but no weight tensor."""
     head = model.get_output_embeddings()
     return head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
-
-
-def _load_builtin_registrations() -> None:
-    """Register the embedded names; the little models register themselves from bild.little when it is present."""
-    if DEFAULT_LARGE not in _REGISTRY:
-        register_model(DEFAULT_LARGE, load_default_large)
-        try:
-            from bild import little  # noqa: F401  (registers smollm2-little*, when the module exists)
-        except ImportError:
-            logger.debug("bild.little is not available; only the default large model is registered")
-        try:
-            from bild import early_exit  # noqa: F401  (registers smollm2-early-exit and early-exit:K)
-        except ImportError:
-            logger.debug("bild.early_exit is not available")

@@ -2,7 +2,7 @@
 
 Each example is one docstring whose first paragraph is a single sentence (the reference summary, as the docstring's
 author wrote it) followed by several sentences of prose (the source). Only modules that
-:func:`bild.textsource.is_eval_module` reserves for evaluation are used, so no example is seen by training or
+:func:`bild.train.sources.is_eval_module` reserves for evaluation are used, so no example is seen by training or
 calibration. The shipped file is ``src/bild/data/docsum.jsonl``; rebuild it with ``python -m bild.eval.docsum``.
 """
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Iterator
 
-from bild import textsource
+from bild.train import sources as textsource
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / "docsum.jsonl"
 

@@ -172,7 +172,7 @@ def _bild_no_fallback(context: MethodContext) -> Method:
 
 @register_method("bild-early-exit", needs_small=False, description="BiLD drafting with the large model's own first layers (--small early-exit:K, else smollm2-early-exit)")
 def _bild_early_exit(context: MethodContext) -> Method:
-    from bild.early_exit import exit_for  # on the context's already loaded large model
+    from bild.drafters.early_exit import exit_for  # on the context's already loaded large model
 
     engine = BiLD(ModelPair(large=context.pair.large, small=exit_for(context.pair.large, context.pair.small)))
     return _engine_method(context, context.config, lambda request, cfg: engine.generate_ids(request.prompt_ids, cfg))

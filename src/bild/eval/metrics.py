@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import sacrebleu
-from rouge_score import rouge_scorer
+from bild.extras import require
+
+require("eval", "bild's evaluation metrics")
+
+import sacrebleu  # noqa: E402  (after the extra check)
+from rouge_score import rouge_scorer  # noqa: E402
 
 from bild.policies import repeated_ngrams
 

@@ -1,5 +1,9 @@
 """`bild serve`: the OpenAI-compatible HTTP server."""
 
-from bild.serve.app import create_app
+from bild.extras import require
+
+require("serve", "bild serve")
+
+from bild.serve.app import create_app  # noqa: E402  (after the extra check)
 
 __all__ = ["create_app"]

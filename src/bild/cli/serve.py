@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from bild.cli.common import UsageError, add_decoding_arguments, add_model_arguments, config_from_args, set_threads
 from bild.models import DEFAULT_LARGE
 
 API_KEY_ENV = "BILD_API_KEY"
@@ -26,7 +27,6 @@ GET /metrics serves Prometheus metrics; GET /health answers 200 while the genera
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    from bild.cli import add_decoding_arguments, add_model_arguments
 
     parser = subparsers.add_parser(
         "serve",
@@ -51,10 +51,8 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     import uvicorn
 
-    from bild.cli import UsageError, config_from_args
     from bild.decoding import BiLD
     from bild.models import load_pair
     from bild.serve import create_app
@@ -64,12 +62,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--queue-size must be >= 0, got {args.queue_size}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0-65535, got {args.port}")
-    if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.small is None or args.small.lower() == "none":
         raise UsageError("bild serve needs a small model (--small): it streams text the large model has checked")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     print(f"loading {args.large} + {args.small} ...", file=sys.stderr)
     try:
         pair = load_pair(args.large, args.small)

@@ -5,8 +5,8 @@ model's shape (initialised from one of its layers), the large model's final norm
 model's weights are never changed, so alpha_RB = 0 still gives exactly its greedy output.
 
 No work is done twice. A :class:`SharedStack` holds ONE key/value cache for all large-model layers plus the layer-k
-hidden states of every position the lower layers have processed, and two decoders with the engine's
-``CachedDecoder`` interface read from it:
+hidden states of every position the lower layers have processed, and two decoders that implement
+:class:`bild.cache.Decoder` read from it:
 
 - the draft decoder runs layers [0, k) on positions nobody has processed yet, then the exit over its new positions;
 - the full decoder runs layers [0, k) only on positions the draft has not processed (e.g. the large model's own
@@ -37,12 +37,13 @@ from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from bild.models import DEFAULT_LARGE, LoadedModel, ModelLoadError, load_model, register_family, register_model
-from bild.quantize import int8_copy
+from bild.cache import Decoder
+from bild.drafters import WEIGHTS_DIR
+from bild.drafters.quantize import int8_copy
+from bild.models import DEFAULT_LARGE, LoadedModel, ModelLoadError, load_model
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
 SHIPPED_NAME = "smollm2-early-exit"  # registered name of the shipped exit
 SHIPPED_FILE = "early-exit"  # src/bild/weights/early-exit.{safetensors,json}
 FAMILY = "early-exit"  # "early-exit:K": the untrained exit after layer K of any supported large model
@@ -78,7 +79,7 @@ class EarlyExitModel(nn.Module):
         return self.large.device
 
     def use_int8_head(self) -> None:
-        """Draft through a per-channel int8 copy of the head (bild.quantize): the head dominates a draft step on a
+        """Draft through a per-channel int8 copy of the head (bild.drafters.quantize): the head dominates a draft step on a
         CPU. Only the drafter's proposals change; the large model keeps its fp32 head, so exactness is unaffected.
         Teacher-forced ``forward`` uses it too in eval mode (agreement), and the fp32 head in train mode."""
         self.draft_head = int8_copy(self.large.lm_head)
@@ -211,7 +212,7 @@ class SharedStack:
 
 
 class _StackDecoder:
-    """The engine's CachedDecoder interface over a SharedStack; subclasses say which side they are."""
+    """:class:`bild.cache.Decoder` over a SharedStack; subclasses say which side they are."""
 
     def __init__(self, stack: SharedStack) -> None:
         self.stack = stack
@@ -259,7 +260,7 @@ class FullDecoder(_StackDecoder):
         return self.stack.run_upper(length, keep)
 
 
-def shared_decoders(model: EarlyExitModel) -> tuple[DraftDecoder, FullDecoder]:
+def shared_decoders(model: EarlyExitModel) -> tuple[Decoder, Decoder]:
     stack = SharedStack(model)
     return DraftDecoder(stack), FullDecoder(stack)
 
@@ -270,7 +271,7 @@ def shared_decoders(model: EarlyExitModel) -> tuple[DraftDecoder, FullDecoder]:
 def early_exit_model(large: LoadedModel, model: EarlyExitModel, name: str) -> LoadedModel:
     """A LoadedModel for the drafter, whose decoders share the large model's cache (``make_decoders``)."""
 
-    def make_decoders(large_model: LoadedModel, encoder_ids: torch.Tensor | None):
+    def make_decoders(large_model: LoadedModel, encoder_ids: torch.Tensor | None) -> tuple[Decoder, Decoder]:
         if large_model.model is not model.large:
             raise ValueError(f"{name!r} is an early exit of {large.name!r}; it cannot draft for {large_model.name!r}")
         return shared_decoders(model)
@@ -344,11 +345,3 @@ def exit_for(large: LoadedModel, small: LoadedModel | None = None) -> LoadedMode
     layer = max(1, large.model.config.num_hidden_layers // 4)
     logger.warning("no trained early exit for %r: using the untrained %s:%d", large.name, FAMILY, layer)
     return untrained_exit(large, str(layer))
-
-
-def _register() -> None:
-    register_model(SHIPPED_NAME, load_exit)
-    register_family(FAMILY, untrained_exit)
-
-
-_register()  # the one import-time side effect: make the names known to bild.models.load_model

@@ -9,6 +9,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from bild.cli.common import fail, set_threads
 from bild.models import DEFAULT_LARGE
 
 ALIGN_EPILOG = """\
@@ -88,28 +89,13 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription on a busy machine)")
 
 
-def _fail(command: str, message: str) -> int:
-    print(f"bild {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads is None:
-        return
-    if threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
-    import torch
-
-    torch.set_num_threads(threads)
-
-
 def run_align(args: argparse.Namespace) -> int:
-    from bild.align import AlignInputError, CalibrationConfig, TrainConfig, align, read_inputs
+    from bild.train.align import AlignInputError, CalibrationConfig, TrainConfig, align, read_inputs
     from bild.models import ModelLoadError, load_model
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        _set_threads(args.threads)
+        set_threads(args.threads)
         if not 0 < args.heldout_fraction < 1:
             raise ValueError(f"--heldout-fraction must be in (0, 1), got {args.heldout_fraction}")
         prompts = read_inputs(args.inputs)
@@ -123,7 +109,7 @@ def run_align(args: argparse.Namespace) -> int:
         report = align(large, small, prompts, args.work_dir or args.out / "calibration", args.out, calibration,
                        train, args.heldout_fraction)
     except (AlignInputError, ModelLoadError, ValueError) as error:
-        return _fail("align", str(error))
+        return fail("align", str(error))
     print(json.dumps(asdict(report), indent=2))
     return 0
 
@@ -146,11 +132,11 @@ def _layer_list(text: str) -> tuple[int, ...]:
 
 
 def run_little(args: argparse.Namespace) -> int:
-    from bild.little_train import LittleConfig, build_default_little
+    from bild.train.little import LittleConfig, build_default_little
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        _set_threads(args.threads)
+        set_threads(args.threads)
         config = LittleConfig()
         if args.prompts is not None:
             config = replace(config, prompts=args.prompts)
@@ -178,7 +164,7 @@ def run_little(args: argparse.Namespace) -> int:
             variants = ()
         report = build_default_little(args.out, args.work_dir, config, variants)
     except ValueError as error:
-        return _fail("little", str(error))
+        return fail("little", str(error))
     print(json.dumps(asdict(report), indent=2))
     for variant in report.variants:
         print(f"{variant.variant}: agreement {variant.agreement_before:.3f} -> {variant.agreement_after:.3f}, "

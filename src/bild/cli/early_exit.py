@@ -8,6 +8,8 @@ import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from bild.cli.common import UsageError, set_threads
+
 EPILOG = """examples:
   bild early-exit train                                   # k = 2,4,6,8 measured, k = 4 shipped to src/bild/weights
   bild early-exit train --exit-layers 4 --ship-layer 4 --epochs 1.5 --report build/early-exit/report.json
@@ -66,20 +68,12 @@ def register(subparsers) -> None:
     agree.set_defaults(func=_cmd_agreement)
 
 
-def _threads(args) -> None:
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-
 def _cmd_train(args: argparse.Namespace) -> None:
-    from bild.cli import UsageError
-    from bild.early_exit import WEIGHTS_DIR
-    from bild.early_exit_train import ExitTrainConfig, train_exits
+    from bild.drafters import WEIGHTS_DIR
+    from bild.train.early_exit import ExitTrainConfig, train_exits
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _threads(args)
+    set_threads(args.threads)
     if args.ship_layer not in args.exit_layers:
         raise UsageError(f"--ship-layer {args.ship_layer} is not among --exit-layers {args.exit_layers}")
     defaults = ExitTrainConfig()
@@ -102,11 +96,10 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_cost(args: argparse.Namespace) -> None:
-    from bild.cli import UsageError
-    from bild.early_exit_train import measure_step_costs
+    from bild.train.early_exit import measure_step_costs
     from bild.models import DEFAULT_LARGE, load_model
 
-    _threads(args)
+    set_threads(args.threads)
     try:
         large = load_model(DEFAULT_LARGE)
         drafters = {name: load_model(name, large=large) for name in args.small.split(",")}
@@ -118,13 +111,12 @@ def _cmd_cost(args: argparse.Namespace) -> None:
 
 
 def _cmd_agreement(args: argparse.Namespace) -> None:
-    from bild.align import agreement, read_calibration
-    from bild.cli import UsageError
-    from bild.early_exit_train import ExitTrainConfig
-    from bild.little_train import split_by_index
+    from bild.train.align import agreement, read_calibration
+    from bild.train.early_exit import ExitTrainConfig
+    from bild.train.little import split_by_index
     from bild.models import DEFAULT_LARGE, load_model
 
-    _threads(args)
+    set_threads(args.threads)
     config = ExitTrainConfig()
     records = [record for record in read_calibration(args.calibration) if record.output_ids]
     heldout = split_by_index(records, config.heldout_every)[1][: args.max_records]

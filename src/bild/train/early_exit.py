@@ -2,7 +2,7 @@
 
 Distillation on the large model's greedy outputs, reusing the little models' calibration data (`bild little` writes
 ``build/little/calibration.jsonl``: instruction prompts from training-split stdlib docstrings) and their split (held
-out: prompt index % 10 == 0) and the alignment helpers (:func:`bild.align.finetune`, :func:`bild.align.agreement`).
+out: prompt index % 10 == 0) and the alignment helpers (:func:`bild.train.align.finetune`, :func:`bild.train.align.agreement`).
 Only the exit block is trained; the large model's weights are frozen, so its outputs are unchanged.
 
 For each candidate k the report gives the held-out top-1 agreement (teacher-forced on the large model's greedy
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from bild.align import CalibrationRecord, TrainConfig, agreement, finetune, read_calibration
+from bild.train.align import CalibrationRecord, TrainConfig, agreement, finetune, read_calibration
 from bild.cache import CachedDecoder
-from bild.early_exit import (
-    WEIGHTS_DIR,
+from bild.drafters import WEIGHTS_DIR
+from bild.drafters.early_exit import (
     EarlyExitModel,
     ExitSpec,
     early_exit_model,
@@ -32,7 +32,7 @@ from bild.early_exit import (
     save_exit,
     shared_decoders,
 )
-from bild.little_train import split_by_index
+from bild.train.little import split_by_index
 from bild.models import DEFAULT_LARGE, LoadedModel, load_model
 
 logger = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bild.cli.common import fail, set_threads
 from bild.config import BiLDConfig
 from bild.models import DEFAULT_LARGE, DEFAULT_SMALL
 
@@ -91,11 +92,6 @@ def register(subparsers) -> None:
     sweep.set_defaults(func=run_sweep)
 
 
-def _fail(command: str, message: str) -> int:
-    print(f"bild {command}: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _floats(text: str, option: str) -> tuple[float, ...]:
     try:
         values = tuple(float(part) for part in text.split(",") if part.strip())
@@ -126,12 +122,7 @@ def _progress(args: argparse.Namespace, total: int, label: str):
 def _load_inputs(args: argparse.Namespace, config_overrides: dict):
     from bild.eval.datasets import load_dataset
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     config = BiLDConfig(max_small_steps=args.max_small_steps, max_new_tokens=args.max_new_tokens,
                         repeat_ngram=args.repeat_ngram, **config_overrides)
     if args.warmup < 0:
@@ -167,7 +158,7 @@ def run_eval(args: argparse.Namespace) -> int:
             chat=False if args.no_chat else None, draft_window=args.draft_window, on_progress=callback,
         )
     except ValueError as error:  # DatasetError, ModelLoadError, VocabularyMismatchError, bad settings
-        return _fail("eval", str(error))
+        return fail("eval", str(error))
     if bar is not None:
         bar.close()
     summary = result.to_json()
@@ -242,7 +233,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             chat=False if args.no_chat else None, on_progress=callback,
         )
     except ValueError as error:
-        return _fail("sweep", str(error))
+        return fail("sweep", str(error))
     if bar is not None:
         bar.close()
     summary = result.to_json()
@@ -277,14 +268,3 @@ def format_picks(result) -> str:
                 )
     return "\n".join(lines)
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m bild.cli_eval ...`, for use before the top-level `bild` command lists this module."""
-    parser = argparse.ArgumentParser(prog="bild")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

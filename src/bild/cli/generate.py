@@ -1,18 +1,13 @@
-"""The `bild` command: argparse subcommands. The only place (with the cli_* modules) that prints."""
+"""`bild generate` (one prompt) and `bild demo` (built-in prompts, BiLD beside the large model alone)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import logging
 import sys
-import time
 
-from bild.config import BiLDConfig, GenerationResult, SamplingConfig
-
-# Subcommand modules; each exposes register(subparsers).
-_SUBCOMMAND_MODULES = ["bild.cli_align", "bild.cli_eval", "bild.cli_serve", "bild.cli_early_exit"]
+from bild.cli.common import UsageError, add_decoding_arguments, add_model_arguments, config_from_args, load_engine
+from bild.config import BiLDConfig, GenerationResult
 
 DEMO_PROMPTS = [
     "Explain photosynthesis in two sentences.",
@@ -31,71 +26,6 @@ GENERATE_EPILOG = """examples:
   bild generate --temperature 0.8 --top-p 0.9 --seed 1 "Tell me a story."
   bild generate --large ./my-large --small ./my-small --no-chat "translate English to German: Hello"
 """
-
-
-class UsageError(Exception):
-    """Bad input from the command line: printed as one line, exit code 2."""
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, small_default: str | None = "smollm2-little") -> None:
-    from bild.models import DEFAULT_LARGE
-
-    parser.add_argument("--large", default=DEFAULT_LARGE, help="large model: a name, local directory or HF id (default: %(default)s)")
-    parser.add_argument("--small", default=small_default, help="small model: a name, local directory or HF id (default: %(default)s)")
-    parser.add_argument("--early-exit-layer", type=int, metavar="K",
-                        help="draft with the large model's own first K layers (same as --small early-exit:K)")
-
-
-def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
-    defaults = BiLDConfig()
-    parser.add_argument("--fallback-threshold", type=float, default=defaults.fallback_threshold, help="alpha_FB in [0, 1] (default: %(default)s)")
-    parser.add_argument("--rollback-threshold", type=float, default=defaults.rollback_threshold, help="alpha_RB >= 0; 0 = exactly the large model's greedy output, inf = never (default: %(default)s)")
-    parser.add_argument("--max-small-steps", type=int, default=defaults.max_small_steps, help="N: most small tokens in a row (default: %(default)s)")
-    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="(default: %(default)s)")
-    parser.add_argument("--repeat-ngram", type=int, default=defaults.repeat_ngram, metavar="N",
-                        help="repetition guard (not in the paper): a small token that repeats a token N-gram of the "
-                             "output is checked as if alpha_RB were 0; 0 = off (default: %(default)s)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
-
-
-def config_from_args(args: argparse.Namespace) -> BiLDConfig:
-    """Build the validated config; a ValueError becomes a one-line usage error."""
-    try:
-        sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-        return BiLDConfig(
-            fallback_threshold=args.fallback_threshold,
-            rollback_threshold=args.rollback_threshold,
-            max_small_steps=args.max_small_steps,
-            max_new_tokens=args.max_new_tokens,
-            repeat_ngram=args.repeat_ngram,
-            sampling=sampling,
-        )
-    except ValueError as error:
-        raise UsageError(str(error)) from error
-
-
-def load_engine(large: str, small: str | None):
-    """Load the pair (errors -> UsageError). Without the default little model, run the large model alone."""
-    from bild.decoding import BiLD
-    from bild.models import DEFAULT_SMALL, ModelLoadError, ModelPair, check_same_vocabulary, load_model
-
-    try:
-        large_model = load_model(large)
-        small_model = None
-        if small is not None:
-            try:
-                small_model = load_model(small, large=large_model)
-            except ModelLoadError as error:
-                if small != DEFAULT_SMALL:
-                    raise
-                print(f"note: {error}; running the large model alone", file=sys.stderr)
-        if small_model is not None:
-            check_same_vocabulary(large_model, small_model)
-    except ValueError as error:
-        raise UsageError(str(error)) from error
-    return BiLD(ModelPair(large=large_model, small=small_model))
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -144,8 +74,9 @@ def _result_speedup_per_token(result: GenerationResult, vanilla: GenerationResul
 
 def _speed_line(result: GenerationResult, vanilla: GenerationResult) -> str:
     return (f"BiLD {result.stats.new_tokens} tokens in {result.stats.wall_time_s:.2f} s, vanilla {vanilla.stats.new_tokens} "
-            f"tokens in {vanilla.stats.wall_time_s:.2f} s (same run): {vanilla.stats.wall_time_s / result.stats.wall_time_s:.2f}x "
-            f"faster per request, {_result_speedup_per_token(result, vanilla):.2f}x per token; "
+            f"tokens in {vanilla.stats.wall_time_s:.2f} s (same run): "
+            f"{vanilla.stats.wall_time_s / result.stats.wall_time_s:.2f}x the speed of the large model alone per request, "
+            f"{_result_speedup_per_token(result, vanilla):.2f}x per token; "
             f"same text as vanilla: {result.token_ids == vanilla.token_ids}")
 
 
@@ -198,14 +129,11 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         guard = f", repeat guard {config.repeat_ngram}" if config.repeat_ngram else ""
         print(f"\noverall, this run, at fallback {config.fallback_threshold}, rollback {config.rollback_threshold}, "
               f"N {config.max_small_steps}{guard}: "
-              f"sum of vanilla times / sum of BiLD times = {total_vanilla / total_bild:.2f}x; per token {per_token:.2f}x")
+              f"{total_vanilla / total_bild:.2f}x the speed of the large model alone (sum of its times / sum of BiLD's), "
+              f"{per_token:.2f}x per token")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bild", description="Big Little Decoder: a small model writes, a large model checks.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO)")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-
+def register(subparsers) -> None:
     generate = subparsers.add_parser("generate", help="generate text for one prompt", epilog=GENERATE_EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     generate.add_argument("prompt", help="the prompt (a user message for chat models)")
@@ -222,35 +150,3 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(demo)
     add_decoding_arguments(demo)
     demo.set_defaults(func=_cmd_demo)
-
-    for module_name in _SUBCOMMAND_MODULES:
-        importlib.import_module(module_name).register(subparsers)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "early_exit_layer", None) is not None:  # one spelling for every subcommand with --small
-        args.small = f"early-exit:{args.early_exit_layer}"
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # transformers' weight-loading bars and advisories are noise on a command line
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-    try:
-        return args.func(args) or 0
-    except UsageError as error:
-        print(f"bild {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # output piped into e.g. `head`, which closed early
-        sys.stderr.close()
-        return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

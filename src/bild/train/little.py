@@ -1,6 +1,6 @@
 """`bild little`: build both default little models end to end (prompts -> calibration -> two trainings -> report).
 
-The aligned variant is fine-tuned on the large model's greedy outputs (prediction alignment, :mod:`bild.align`); the
+The aligned variant is fine-tuned on the large model's greedy outputs (prediction alignment, :mod:`bild.train.align`); the
 unaligned one, with the same architecture, initialisation, steps and batch size, on the real text's own tokens (the
 docstring words each prompt was built from). Both are measured on the same held-out prompts: teacher-forced top-1
 agreement with the large model's greedy tokens.
@@ -16,7 +16,10 @@ from pathlib import Path
 
 import torch
 
-from bild.align import (
+from bild.drafters.little import build_little, load_little, merge_low_rank, save_little
+from bild.drafters.quantize import draft_vocabulary
+from bild.models import DEFAULT_LARGE, LoadedModel, load_model
+from bild.train.align import (
     CalibrationConfig,
     CalibrationRecord,
     TrainConfig,
@@ -26,13 +29,9 @@ from bild.align import (
     finetune,
     generate_calibration,
 )
-from bild.little import (
-    PromptExample, build_little, build_package_prompts, build_prompts, load_little, measure_decode_cost,
-    merge_low_rank, prompts_per_round, save_little,
-)
-from bild.models import DEFAULT_LARGE, LoadedModel, load_model
-from bild.quantize import draft_vocabulary
-from bild.textsource import LICENSE, PACKAGE_LICENSES
+from bild.train.cost import measure_decode_cost
+from bild.train.prompts import PromptExample, build_package_prompts, build_prompts, prompts_per_round
+from bild.train.sources import LICENSE, PACKAGE_LICENSES
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ class LittleConfig:
     package_prompts: int = 0  # prompts about its docstrings, one per docstring, held out like the stdlib's
     init_layers: tuple[int, ...] = (0, 6, 12, 18, 24, 29)  # large-model layers the little model's layers start from
     delta_rank: int = 64  # > 0: those layers stay frozen and only low-rank deltas of this rank (and norms) are trained
-    draft_vocab_size: int = 8192  # tokens the int8 drafting head keeps (bild.quantize.DraftHead), from training data
+    draft_vocab_size: int = 8192  # tokens the int8 drafting head keeps (bild.drafters.quantize.DraftHead), from training data
     seed: int = 0
     calibration: CalibrationConfig = CalibrationConfig(max_new_tokens=96, batch_size=48, top_k=16, max_input_tokens=320)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(

@@ -1,0 +1,89 @@
+"""What every subcommand shares: usage errors, the model and decoding flags, threads, loading the engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bild.config import BiLDConfig, SamplingConfig
+from bild.models import DEFAULT_LARGE, DEFAULT_SMALL
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one line, exit code 2."""
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, small_default: str | None = "smollm2-little") -> None:
+    parser.add_argument("--large", default=DEFAULT_LARGE, help="large model: a name, local directory or HF id (default: %(default)s)")
+    parser.add_argument("--small", default=small_default, help="small model: a name, local directory or HF id (default: %(default)s)")
+    parser.add_argument("--early-exit-layer", type=int, metavar="K",
+                        help="draft with the large model's own first K layers (same as --small early-exit:K)")
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = BiLDConfig()
+    parser.add_argument("--fallback-threshold", type=float, default=defaults.fallback_threshold, help="alpha_FB in [0, 1] (default: %(default)s)")
+    parser.add_argument("--rollback-threshold", type=float, default=defaults.rollback_threshold, help="alpha_RB >= 0; 0 = exactly the large model's greedy output, inf = never (default: %(default)s)")
+    parser.add_argument("--max-small-steps", type=int, default=defaults.max_small_steps, help="N: most small tokens in a row (default: %(default)s)")
+    parser.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="(default: %(default)s)")
+    parser.add_argument("--repeat-ngram", type=int, default=defaults.repeat_ngram, metavar="N",
+                        help="repetition guard (not in the paper): a small token that repeats a token N-gram of the "
+                             "output is checked as if alpha_RB were 0; 0 = off (default: %(default)s)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+
+
+def config_from_args(args: argparse.Namespace) -> BiLDConfig:
+    """Build the validated config; a ValueError becomes a one-line usage error."""
+    try:
+        sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+        return BiLDConfig(
+            fallback_threshold=args.fallback_threshold,
+            rollback_threshold=args.rollback_threshold,
+            max_small_steps=args.max_small_steps,
+            max_new_tokens=args.max_new_tokens,
+            repeat_ngram=args.repeat_ngram,
+            sampling=sampling,
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+
+
+def load_engine(large: str, small: str | None):
+    """Load the pair (errors -> UsageError). Without the default little model, run the large model alone."""
+    from bild.decoding import BiLD
+    from bild.models import ModelLoadError, ModelPair, check_same_vocabulary, load_model
+
+    try:
+        large_model = load_model(large)
+        small_model = None
+        if small is not None:
+            try:
+                small_model = load_model(small, large=large_model)
+            except ModelLoadError as error:
+                if small != DEFAULT_SMALL:
+                    raise
+                print(f"note: {error}; running the large model alone", file=sys.stderr)
+        if small_model is not None:
+            check_same_vocabulary(large_model, small_model)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    return BiLD(ModelPair(large=large_model, small=small_model))
+
+
+def fail(command: str, message: str) -> int:
+    """Print one line for a bad input of ``bild <command>`` and return the usage exit code."""
+    print(f"bild {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def set_threads(threads: int | None) -> None:
+    """``--threads``: torch CPU threads (None keeps torch's default)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)

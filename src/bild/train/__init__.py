@@ -1,0 +1,9 @@
+"""Training: calibration data from the large model, distillation and agreement, text and prompt sources, and the
+recipes of the shipped drafters (``bild little``, ``bild early-exit train``). Nothing at run time imports this package.
+
+- :mod:`bild.train.sources`: real text on the machine (stdlib and package docstrings), split by module;
+- :mod:`bild.train.prompts`: instruction prompts built from it;
+- :mod:`bild.train.align`: the large model's greedy outputs (calibration) and fine-tuning a small model on them;
+- :mod:`bild.train.cost`: a drafter's decode step against the large model's, side by side;
+- :mod:`bild.train.little`, :mod:`bild.train.early_exit`: the recipes of the default little models and the exit.
+"""
