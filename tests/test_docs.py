@@ -317,8 +317,9 @@ def test_statistics_add_up_as_the_glossary_says(family):
     engine = BiLD(make_pair(family, with_eos=True, noise=0.3))
     settings = itertools.product([0.0, 0.5, 1.0], [0.0, 2.0, float("inf")], [1, 4], [0, 2], [0.0, 1.0])
     for fallback, rollback, n, repeat, temperature in settings:
+        sampling = SamplingConfig(temperature=temperature, seed=0)
         config = BiLDConfig(fallback_threshold=fallback, rollback_threshold=rollback, max_small_steps=n,
-                            max_new_tokens=16, repeat_ngram=repeat, sampling=SamplingConfig(temperature=temperature, seed=0))
+                            max_new_tokens=16, repeat_ngram=repeat, sampling=sampling)
         result = engine.generate_ids(prompt_ids(3, 6), config)
         s = result.stats
         assert s.new_tokens == s.small_tokens_kept + s.large_tokens == len(result.token_ids), config
