@@ -34,7 +34,7 @@ import bild.models
 from bild import BiLD, BiLDConfig, LoadedModel, SamplingConfig
 from bild.cli import build_parser
 
-from conftest import make_pair, noisy_copy, prompt_ids, tiny_llama, tiny_tokenizer
+from conftest import make_pair, noisy_copy, prompt_ids, tiny_llama, tiny_tokenizer, watch_large_passes
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -313,19 +313,28 @@ def test_no_run_diary_in_the_docs():
 
 
 @pytest.mark.parametrize("family", ["llama", "t5"])
-def test_statistics_add_up_as_the_glossary_says(family):
+def test_statistics_add_up_as_the_glossary_says(family, monkeypatch):
+    small_decoders = []
+    watch_large_passes(monkeypatch, lambda run, large, small, rolled_back: small_decoders.append(small))
     engine = BiLD(make_pair(family, with_eos=True, noise=0.3))
-    settings = itertools.product([0.0, 0.5, 1.0], [0.0, 2.0, float("inf")], [1, 4], [0, 2], [0.0, 1.0])
-    for fallback, rollback, n, repeat, temperature in settings:
+    settings = itertools.product([0.0, 0.5, 1.0], [0.0, 2.0, float("inf")], [0.0, 1.0])
+    seen = {"rollbacks": 0, "fallbacks": 0, "small_tokens_kept": 0, "tokens_discarded": 0}
+    for index, (fallback, rollback, temperature) in enumerate(settings):
+        n, repeat = (1, 0) if index % 2 else (4, 2)  # N and the repetition guard alternate, to keep the grid small
         sampling = SamplingConfig(temperature=temperature, seed=0)
         config = BiLDConfig(fallback_threshold=fallback, rollback_threshold=rollback, max_small_steps=n,
                             max_new_tokens=16, repeat_ngram=repeat, sampling=sampling)
+        small_decoders.clear()
         result = engine.generate_ids(prompt_ids(3, 6), config)
         s = result.stats
+        assert small_decoders[-1].calls == s.small_tokens_drafted + s.fallbacks, config  # the small model's steps
         assert s.new_tokens == s.small_tokens_kept + s.large_tokens == len(result.token_ids), config
         assert s.small_tokens_drafted == s.small_tokens_kept + s.tokens_discarded, config
         assert s.large_passes - 1 <= s.large_tokens <= s.large_passes, config
         assert s.fallbacks <= s.large_passes and s.rollbacks <= min(s.large_passes, s.tokens_discarded), config
         assert s.small_time_s + s.large_time_s <= s.wall_time_s, config
+        for key in seen:
+            seen[key] += getattr(s, key)
+    assert all(seen.values()), f"the grid should exercise every kind of event: {seen}"
     vanilla = engine.vanilla_ids(prompt_ids(3, 6), BiLDConfig(max_new_tokens=16)).stats
     assert vanilla.large_passes == vanilla.new_tokens == vanilla.large_tokens
