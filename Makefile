@@ -39,7 +39,7 @@ little: setup
 	TQDM_MININTERVAL=60 bash -c '$(VENV)/bin/bild little --variants unaligned --threads 1 > build/little/make-unaligned.log 2>&1 & \
 	  pid=$$!; $(VENV)/bin/bild little --variants aligned --threads 1 > build/little/make-aligned.log 2>&1; status=$$?; \
 	  wait $$pid && test $$status -eq 0'
-	cat build/little/make-calibration.log build/little/make-unaligned.log build/little/make-aligned.log | tr '\r' '\n' > docs/little-model.log
+	cat build/little/make-calibration.log build/little/make-unaligned.log build/little/make-aligned.log | tr '\r' '\n' > build/little/little-model.log
 
 clean:
 	rm -rf $(VENV)

@@ -27,9 +27,9 @@ from bild.decoding import BiLD
 from bild.eval.datasets import load_dataset
 from bild.eval.harness import run_methods
 from bild.eval.methods import MethodContext, bild_method, build_method
-from bild.little import load_little
+from bild.drafters.little import load_little
 from bild.models import DEFAULT_LARGE, ModelPair, load_model
-from bild.quantize import quantize_decoder_layers
+from bild.drafters.quantize import quantize_decoder_layers
 
 
 def main() -> None:

@@ -16,11 +16,12 @@ from dataclasses import replace
 
 import torch
 
-from bild.align import CalibrationRecord, agreement, read_calibration
-from bild.little import load_little, measure_decode_cost
-from bild.little_train import LittleConfig, split_by_index, training_draft_vocabulary
+from bild.train.align import CalibrationRecord, agreement, read_calibration
+from bild.drafters.little import load_little
+from bild.train.cost import measure_decode_cost
+from bild.train.little import LittleConfig, split_by_index, training_draft_vocabulary
 from bild.models import DEFAULT_LARGE, LoadedModel, load_model
-from bild.quantize import quantize_decoder_layers, quantize_output_layer
+from bild.drafters.quantize import quantize_decoder_layers, quantize_output_layer
 
 ALL = tuple(range(len(LittleConfig().init_layers)))
 STORED = "stored"  # the 8,192-token draft vocabulary stored with the weights (what load_little uses)

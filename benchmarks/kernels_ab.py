@@ -26,7 +26,7 @@ from bild.decoding import BiLD
 from bild.eval.datasets import load_dataset
 from bild.eval.harness import run_methods
 from bild.eval.methods import MethodContext, bild_method, build_method
-from bild.little import load_little
+from bild.drafters.little import load_little
 from bild.models import DEFAULT_LARGE, ModelPair, load_model
 
 

@@ -6,7 +6,7 @@ In one run, same large model, same examples:
    docsum (eval-reserved stdlib modules, the large model's greedy outputs at max_new_tokens); on docsum also how
    often each is sure (top-1 probability >= 0.6) and right when sure;
 2. the decode cost of each as it drafts: one single-token step with a KV cache, little / large, side by side, min
-   over rounds (`bild.little.measure_decode_cost`, the figure the report gives);
+   over rounds (`bild.drafters.little.measure_decode_cost`, the figure the report gives);
 3. BiLD on docsum at a few alpha_FB/alpha_RB/N settings for each model, interleaved per example with vanilla after
    a warm-up, as `bild eval` runs methods: speedup over vanilla, ROUGE-L, exact match, tokens per large pass.
 
@@ -22,13 +22,14 @@ import torch
 
 from common import ab_parser, print_methods
 from bild import BiLDConfig
-from bild.align import CalibrationRecord, agreement, batch_logits, make_batch, read_calibration
+from bild.train.align import CalibrationRecord, agreement, batch_logits, make_batch, read_calibration
 from bild.decoding import BiLD
 from bild.eval.datasets import EvalDataset, load_dataset
 from bild.eval.harness import run_methods
 from bild.eval.methods import MethodContext, bild_method, build_method
-from bild.little import load_little, measure_decode_cost
-from bild.little_train import LittleConfig, package_calibration_path, split_by_index
+from bild.drafters.little import load_little
+from bild.train.cost import measure_decode_cost
+from bild.train.little import LittleConfig, package_calibration_path, split_by_index
 from bild.models import DEFAULT_LARGE, LoadedModel, ModelPair, load_model
 
 

@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bild.align import (
+from bild.train.align import (
     IGNORE, TrainConfig, _batches, agreement, batch_logits, finetune, make_batch, make_optimizer, optimizer_step,
     read_calibration, trainable_parameters,
 )
-from bild.little import build_little, build_prompts
-from bild.little_train import LittleConfig, reference_records, split_by_index
+from bild.drafters.little import build_little
+from bild.train.prompts import build_prompts
+from bild.train.little import LittleConfig, reference_records, split_by_index
 from bild.models import DEFAULT_LARGE, load_model
 
 

@@ -19,9 +19,9 @@ import torch
 
 from common import measure_pass_ms
 from bild import BiLD, BiLDConfig, load_pair
-from bild.align import CalibrationRecord, batch_logits, make_batch
+from bild.train.align import CalibrationRecord, batch_logits, make_batch
 from bild.eval.datasets import load_dataset
-from bild.little_train import LittleConfig
+from bild.train.little import LittleConfig
 
 PASS_WIDTHS = range(1, 12)  # a lossless cycle's large pass covers the drafts plus the token before them
 
