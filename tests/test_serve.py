@@ -60,7 +60,7 @@ class SlowEngine:
     """A real engine whose chunks arrive `delay_s` apart; records whether the generation was closed early."""
 
     def __init__(self, engine: BiLD, delay_s: float) -> None:
-        self.engine, self.pair, self.delay_s = engine, engine.pair, delay_s
+        self.engine, self.pair, self.tokenizer, self.delay_s = engine, engine.pair, engine.tokenizer, delay_s
         self.closed = threading.Event()
         self.chunks_sent = 0
 
