@@ -30,7 +30,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from bild.config import BiLDConfig, SamplingConfig
-from bild.serve.errors import APIError, error_body, error_response, install_handlers
+from bild.serve.errors import APIError, body_too_large, error_body, error_response, install_handlers
 from bild.serve.metrics import ServerMetrics
 from bild.serve.schemas import MAX_BODY_BYTES, ChatCompletionRequest, CompletionRequest, GenerationParams
 from bild.serve.worker import Failed, Finished, GenerationWorker, Job, QueueFull, TextDelta, WorkerClosed
@@ -156,8 +156,7 @@ class _GateMiddleware:
                 response = error_response(APIError(401, message, code="invalid_api_key"))
                 await response(scope, receive, send_counting)
             elif _content_length(scope) > MAX_BODY_BYTES:
-                message = f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB"
-                await error_response(APIError(413, message))(scope, receive, send_counting)
+                await error_response(body_too_large())(scope, receive, send_counting)
             else:
                 await self.app(scope, receive, send_counting)
         except asyncio.CancelledError:

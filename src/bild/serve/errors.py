@@ -118,11 +118,18 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     status = exc.status_code if 400 <= exc.status_code < 600 else 400
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
+    headers = dict(exc.headers or {})
     if status == 413:  # FastAPI's body limit, counted as the body arrives (with or without Content-Length)
-        message = f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB"
+        return error_response(body_too_large())
     if status == 404:
         message = f"no route {request.url.path!r}; see GET /v1/models and the OpenAI API"
-    return error_response(APIError(status, message, headers=dict(exc.headers or {})))
+    return error_response(APIError(status, message, headers=headers))
+
+
+def body_too_large() -> APIError:
+    """413; closing the connection stops a client that is still sending (else the server reads the rest to discard)."""
+    message = f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB"
+    return APIError(413, message, headers={"Connection": "close"})
 
 
 async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
