@@ -257,7 +257,7 @@ async def _serve(
     _check_model(server, params.model)
     prompt_param = "messages" if chat else "prompt"
     prompt_tokens = await _count_prompt_tokens(server, prompt, chat, prompt_param)
-    config = _request_config(server, params, prompt_tokens, prompt_param)
+    config = _request_config(server, params, prompt_tokens)
     answer = _Answer(server, route, chat, prompt_tokens, config, started)
     job = Job(prompt=prompt, chat=chat, config=config, stops=list(params.stop or []), loop=asyncio.get_running_loop(),
               request_id=answer.id)
@@ -298,7 +298,7 @@ def _count_tokens(server: _Server, prompt: str | list[dict], chat: bool) -> tupl
     """(tokens, whether all were counted) of the prompt as the engine will see it, tokenizing no more of a huge
     prompt than a prefix that is already over the limit; (0, True) when the engine has no tokenizer to count with.
 
-    Counting first keeps the cost of an over-long prompt bounded (a 7 MiB prompt took 14 s and 1 GB to tokenize
+    Counting first keeps the cost of an over-long prompt bounded (9 MiB of prompt took 14-20 s and ~1 GB to tokenize
     whole) and refuses it before the engine's own context check, whose error has no OpenAI code."""
     tokenizer = getattr(server.engine, "tokenizer", None)
     if tokenizer is None or (chat and not getattr(tokenizer, "chat_template", None)):
@@ -320,10 +320,11 @@ def _prompt_too_long(server: _Server, param: str, tokens: str) -> APIError:
         why = f"this model's context is {server.context_length} tokens (leave room to generate)"
     else:
         why = f"this server takes prompts of at most {server.prompt_limit} tokens (bild serve --max-prompt-tokens)"
-    return APIError(400, f"the {param} is {tokens} tokens; {why}", param=param, code="context_length_exceeded")
+    what = "prompt" if param == "prompt" else "prompt the messages make"
+    return APIError(400, f"the {what} is {tokens} tokens; {why}", param=param, code="context_length_exceeded")
 
 
-def _request_config(server: _Server, params: GenerationParams, prompt_tokens: int, prompt_param: str) -> BiLDConfig:
+def _request_config(server: _Server, params: GenerationParams, prompt_tokens: int) -> BiLDConfig:
     """The server defaults overridden by the request's fields; max_tokens checked against the context."""
     defaults, limit = server.defaults, server.context_length
     room = None if limit is None else limit - prompt_tokens
@@ -331,7 +332,7 @@ def _request_config(server: _Server, params: GenerationParams, prompt_tokens: in
         max_new_tokens = defaults.max_new_tokens if room is None else min(defaults.max_new_tokens, room)
     elif room is not None and params.max_tokens > room:
         message = (
-            f"max_tokens is {params.max_tokens}, but the {prompt_param} has {prompt_tokens} tokens and this model's "
+            f"max_tokens is {params.max_tokens}, but the prompt is {prompt_tokens} tokens and this model's "
             f"context is {limit} tokens: at most {room} new tokens fit"
         )
         raise APIError(400, message, param="max_tokens", code="context_length_exceeded")
