@@ -117,13 +117,12 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     status = exc.status_code if 400 <= exc.status_code < 600 else 400
-    message = exc.detail if isinstance(exc.detail, str) else "request failed"
-    headers = dict(exc.headers or {})
     if status == 413:  # FastAPI's body limit, counted as the body arrives (with or without Content-Length)
         return error_response(body_too_large())
+    message = exc.detail if isinstance(exc.detail, str) else "request failed"
     if status == 404:
         message = f"no route {request.url.path!r}; see GET /v1/models and the OpenAI API"
-    return error_response(APIError(status, message, headers=headers))
+    return error_response(APIError(status, message, headers=dict(exc.headers or {})))
 
 
 def body_too_large() -> APIError:
