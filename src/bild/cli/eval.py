@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-from bild.cli.common import check_output, fail, set_threads
+from bild.cli.common import UsageError, check_output, fail, set_threads
 from bild.config import BiLDConfig
 from bild.models import DEFAULT_LARGE, DEFAULT_SMALL
 
@@ -168,22 +169,25 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(summary))
     if result.interrupted:
         print(f"interrupted: the summary covers the {result.n} finished examples", file=sys.stderr)
-    try:
+    with _kept_if_unwritable(summary):
         if args.json_out:
             write_json(summary, args.json_out)
             print(f"summary: {args.json_out}", file=sys.stderr)
         if args.out_dir:
             write_json(summary, args.out_dir / "summary.json")
             print(f"per-example rows: {args.out_dir / 'examples.jsonl'}", file=sys.stderr)
-    except OSError as error:  # the path was checked before the run; the disk filled up or it changed since
-        return _lost_write("eval", error, summary)
     return 130 if result.interrupted else 0
 
 
-def _lost_write(command: str, error: OSError, summary: dict) -> int:
-    """A write failed after the run: keep the summary by printing it (the table above has the figures too)."""
-    print(json.dumps(summary, allow_nan=False))
-    return fail(command, f"could not write {error.filename}: {error.strerror}; the summary JSON is printed above")
+@contextmanager
+def _kept_if_unwritable(summary: dict):
+    """A write failing after the run (its path was checked before; the disk filled up or it changed since): print
+    the summary JSON instead of losing it, and say what failed in one line (UsageError: exit code 2)."""
+    try:
+        yield
+    except OSError as error:
+        print(json.dumps(summary, allow_nan=False))
+        raise UsageError(f"could not write {error.filename}: {error.strerror}; the summary JSON is printed above") from None
 
 
 def format_table(summary: dict) -> str:
@@ -255,7 +259,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         bar.close()
     summary = result.to_json()
     print(format_picks(result))
-    try:
+    with _kept_if_unwritable(summary):
         if args.json_out:
             write_json(summary, args.json_out)
             print(f"sweep points: {args.json_out}", file=sys.stderr)
@@ -264,8 +268,6 @@ def run_sweep(args: argparse.Namespace) -> int:
         if plot_path:
             plot(result, plot_path)
             print(f"plot: {plot_path}", file=sys.stderr)
-    except OSError as error:  # the paths were checked before the run; the disk filled up or they changed since
-        return _lost_write("sweep", error, summary)
     return 130 if result.interrupted else 0
 
 
