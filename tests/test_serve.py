@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,8 +28,8 @@ from hypothesis import strategies as st
 import bild
 from bild.config import BiLDConfig, SamplingConfig
 from bild.decoding import BiLD
-from bild.serve import create_app
-from bild.serve.worker import StopScanner
+from bild.serve import DrainingServer, create_app
+from bild.serve.worker import MAX_RETRY_AFTER_S, GenerationWorker, Job, QueueFull, StopScanner
 from conftest import make_pair
 
 MODEL = "tiny"
@@ -60,7 +62,7 @@ class SlowEngine:
     """A real engine whose chunks arrive `delay_s` apart; records whether the generation was closed early."""
 
     def __init__(self, engine: BiLD, delay_s: float) -> None:
-        self.engine, self.pair, self.delay_s = engine, engine.pair, delay_s
+        self.engine, self.pair, self.tokenizer, self.delay_s = engine, engine.pair, engine.tokenizer, delay_s
         self.closed = threading.Event()
         self.chunks_sent = 0
 
@@ -84,14 +86,20 @@ class SlowEngine:
 
 
 class Server:
-    """uvicorn in a thread on a free loopback port."""
+    """uvicorn in a thread on a free loopback port: bild's DrainingServer, or plain uvicorn with `plain=True`.
 
-    def __init__(self, app) -> None:
+    uvicorn's loggers propagate to the root logger (log_config=None), so caplog sees what the server logs."""
+
+    def __init__(self, app, shutdown_timeout_s: float = 3.0, plain: bool = False) -> None:
         self.app = app
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.url = "http://127.0.0.1:%d" % self.socket.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        options = {"log_level": "warning", "log_config": None}
+        if plain:
+            self.server = uvicorn.Server(uvicorn.Config(app, timeout_graceful_shutdown=shutdown_timeout_s, **options))
+        else:
+            self.server = DrainingServer(app, shutdown_timeout_s, **options)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
     def __enter__(self) -> Server:
@@ -103,9 +111,13 @@ class Server:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
+        self.stop()
         self.thread.join(10)
         self.socket.close()
+
+    def stop(self) -> None:
+        """What SIGTERM does: uvicorn's main loop sees should_exit and shuts down."""
+        self.server.should_exit = True
 
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0, timeout=30, **kwargs)
@@ -423,6 +435,245 @@ def test_stop_scanner_emits_exactly_the_cut_text(text, cuts, stops):
         assert emitted == text
 
 
+# ---- the hostile audit: limits, compatibility, messages --------------------------------------------------------
+
+
+def test_chunked_body_over_the_limit_is_413_as_it_arrives(fuzz_server):
+    """No Content-Length: the body is counted as it arrives and refused once past 8 MiB, not read and tokenized whole."""
+    sent = 0
+
+    def body():
+        nonlocal sent
+        head = json.dumps({"model": MODEL, "prompt": ""})[:-2].encode()  # '{"model": "tiny", "prompt": '
+        yield head + b'"'
+        for _ in range(64 * 16):  # 64 MiB of prompt in 64 KiB pieces, if the server read it all
+            sent += 2**16
+            yield b"w5 " * (2**16 // 3) + b"w"
+        yield b'"}'
+
+    started = time.monotonic()
+    response = fuzz_server.post("/v1/completions", content=body(), headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["message"] == "the request body is larger than 8 MiB"
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert sent < 24 * 2**20, f"the server read {sent / 2**20:.0f} MiB before answering"
+    assert time.monotonic() - started < 20
+    assert fuzz_server.post("/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 2}).status_code == 200
+
+
+class CountingTokenizer:
+    """The engine's tokenizer, recording the longest text it was asked to tokenize."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def __call__(self, text, **kwargs):
+        self.longest = max(self.longest, len(text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_prompt_limit_is_the_operators_and_a_huge_prompt_is_not_tokenized_whole(engine):
+    slow = SlowEngine(engine, delay_s=0)
+    slow.tokenizer = CountingTokenizer(engine.tokenizer)
+    with Server(create_app(slow, MODEL, DEFAULTS, max_prompt_tokens=8)) as server:
+        client = server.client()
+        assert client.completions.create(model=MODEL, prompt="w5 w6 w7", max_tokens=2).choices
+        for create, prompt in [
+            (client.completions.create, {"prompt": "w5 " * 20}),
+            (client.chat.completions.create, {"messages": [{"role": "user", "content": "w5 " * 20}]}),
+        ]:
+            with pytest.raises(openai.BadRequestError) as bad:
+                create(model=MODEL, max_tokens=2, **prompt)
+            assert bad.value.code == "context_length_exceeded"
+            assert "this server takes prompts of at most 8 tokens (bild serve --max-prompt-tokens)" in bad.value.message
+        slow.tokenizer.longest = 0
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.completions.create(model=MODEL, prompt="w5 " * 1_000_000, max_tokens=2)  # 3 MB
+        assert "is more than 8 tokens" in bad.value.message and bad.value.code == "context_length_exceeded"
+        assert slow.tokenizer.longest <= 9 * 16, "the whole prompt was tokenized"
+
+
+def test_a_prompt_over_the_context_is_context_length_exceeded_on_every_route(server, client):
+    long = " ".join(["w5"] * 600)  # the tiny models' context is 512 tokens
+    calls = [
+        lambda: client.completions.create(model=MODEL, prompt=long),
+        lambda: client.completions.create(model=MODEL, prompt=long, stream=True),
+        lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long}]),
+        lambda: client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long}], stream=True),
+    ]
+    for call in calls:
+        with pytest.raises(openai.BadRequestError) as bad:
+            call()
+        assert bad.value.code == "context_length_exceeded" and "this model's context is 512 tokens" in bad.value.message
+
+
+def test_no_op_values_of_unsupported_openai_fields_are_accepted(client):
+    messages = [{"role": "user", "content": PROMPT}]
+    plain = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4)
+    defaults = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=4, logprobs=False, top_logprobs=0, presence_penalty=0,
+        frequency_penalty=0.0,
+    )
+    assert defaults.choices[0].message.content == plain.choices[0].message.content
+    assert client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, presence_penalty=0).choices
+    for field, value, allowed in [("logprobs", True, "false"), ("presence_penalty", 0.5, "0"), ("top_logprobs", 3, "0")]:
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, **{field: value})
+        assert bad.value.param == field
+        assert f"field '{field}': bild does not support {field}; send {allowed} or leave it out" in bad.value.message
+
+
+def test_bearer_scheme_is_case_insensitive(engine):
+    with Server(create_app(engine, MODEL, DEFAULTS, api_key="s3cret")) as server:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 2}
+        for header in ["Bearer s3cret", "bearer s3cret", "BEARER  s3cret"]:
+            assert httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": header}).status_code == 200
+        for header in ["Basic s3cret", "Bearer s3cre", "s3cret", "Bearers3cret"]:
+            assert httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": header}).status_code == 401
+
+
+@pytest.mark.parametrize(
+    "raw, headers, param, message",
+    [
+        ('{"model": "tiny", "prompt": "w5", "temperature": NaN}', {"Content-Type": "application/json"}, "temperature",
+         "field 'temperature': NaN is not a number: send a number"),
+        ('{"model": "tiny", "prompt": "w5", "max_tokens": NaN}', {"Content-Type": "application/json"}, "max_tokens",
+         "NaN is not a number"),
+        ('{"model": "tiny", "prompt": "w5"}', {}, None,
+         "the request body must be JSON sent with 'Content-Type: application/json'; this request has no Content-Type header"),
+        ('{"model": "tiny", "prompt": "w5"}', {"Content-Type": "application/x-www-form-urlencoded"}, None,
+         "this request has 'Content-Type: application/x-www-form-urlencoded'"),
+        ('["w5"]', {"Content-Type": "application/json"}, None, "the request body must be a JSON object"),
+        ('{"model": "tiny", "prompt": "w5 \\ud800 w6"}', {"Content-Type": "application/json"}, "prompt",
+         "field 'prompt': contains a lone UTF-16 surrogate (\\ud800 at character 3), which is not valid Unicode"),
+        ('{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+         {"Content-Type": "application/json"}, "messages[0].content[0].text", "lone UTF-16 surrogate (\\udfff"),
+    ],
+)
+def test_bad_values_get_messages_that_say_what_is_wrong(fuzz_server, raw, headers, param, message):
+    path = "/v1/chat/completions" if "messages" in raw else "/v1/completions"
+    error = fuzz_server.post(path, content=raw, headers=headers).json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    assert "TextEncodeInput" not in error["message"] and "Value error" not in error["message"]
+
+
+class HeldEngine:
+    """Chunks of one token; a job whose prompt is 'hold' waits for `release` before its first chunk."""
+
+    def __init__(self, seconds_per_token: float = 0.0) -> None:
+        self.release = threading.Event()
+        self.seconds_per_token = seconds_per_token
+
+    def stream(self, prompt, config, chat=None):
+        if prompt == "hold":
+            self.release.wait(10)
+        for _ in range(config.max_new_tokens):
+            time.sleep(self.seconds_per_token)
+            yield types.SimpleNamespace(token_ids=[7], text="w7 ", stats=None, result=None)
+
+
+def _job(prompt: str, max_new_tokens: int, loop) -> Job:
+    return Job(prompt=prompt, chat=False, config=config(max_new_tokens=max_new_tokens), stops=[], loop=loop)
+
+
+def test_retry_after_is_the_queued_work_not_the_last_long_job():
+    """After one long answer (300 tokens), a queue of short requests (2 tokens) is due in about a second: Retry-After
+    comes from the queued tokens times the recent time per token (was: mean job length x depth, 165 s for 8 s)."""
+    loop = asyncio.new_event_loop()
+    engine = HeldEngine(seconds_per_token=0.002)
+    worker = GenerationWorker(engine, queue_size=8)
+    try:
+        worker.submit(_job("long", 300, loop))
+        assert _wait_until(lambda: worker.depth == 0, timeout_s=10)
+        worker.submit(_job("hold", 2, loop))
+        for _ in range(8):
+            worker.submit(_job("short", 2, loop))
+        with pytest.raises(QueueFull) as full:
+            worker.submit(_job("short", 2, loop))
+        assert full.value.retry_after_s <= 2  # 18 tokens x ~0.08 s/token (mostly the first guess); was 9
+    finally:
+        engine.release.set()
+        worker.close()
+        loop.close()
+
+
+def test_retry_after_is_capped():
+    loop = asyncio.new_event_loop()
+    engine = HeldEngine()
+    worker = GenerationWorker(engine, queue_size=2)
+    try:
+        for prompt in ["hold", "long", "long"]:
+            worker.submit(_job(prompt, 100_000, loop))
+        with pytest.raises(QueueFull) as full:
+            worker.submit(_job("short", 2, loop))
+        assert full.value.retry_after_s == MAX_RETRY_AFTER_S
+    finally:
+        worker.cancel_all()  # the held job stops at its first chunk
+        engine.release.set()
+        worker.close()
+        loop.close()
+
+
+def test_the_default_queue_takes_a_burst_of_24_short_requests(engine):
+    """24 concurrent short requests against the default queue: all answered, none turned away (was 15 x 429)."""
+    slow = SlowEngine(engine, delay_s=0.002)
+    with Server(create_app(slow, MODEL, DEFAULTS)) as server:
+        body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4}
+        with ThreadPoolExecutor(24) as pool:
+            statuses = list(pool.map(lambda _: httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code, range(24)))
+        assert statuses == [200] * 24
+
+
+def test_cli_defaults_are_the_servers():
+    from bild.cli import serve as cli_serve
+    from bild.serve import app
+
+    assert cli_serve.DEFAULT_QUEUE_SIZE == app.DEFAULT_QUEUE_SIZE
+    assert cli_serve.DEFAULT_MAX_PROMPT_TOKENS == app.DEFAULT_MAX_PROMPT_TOKENS
+
+
+# ---- shutdown ----------------------------------------------------------------------------------------------------
+
+
+def _stream_events(url: str, body: dict, started: threading.Event) -> list[str]:
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as response:
+        events = []
+        for line in response.iter_lines():
+            if line:
+                events.append(line.removeprefix("data: "))
+                started.set()
+        return events
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["bild-runner", "plain-uvicorn"])
+def test_shutdown_ends_every_request_in_band(engine, plain, caplog):
+    """Shutdown past the timeout: a stream ends with an error event and [DONE], a running and a queued non-streamed
+    request get 503 with Retry-After, one log line per request and no traceback. bild's runner ends them itself;
+    under plain uvicorn, whose timeout cancels the request tasks, the app still ends them properly."""
+    slow = SlowEngine(engine, delay_s=0.3)  # PROMPT's answer is 15 chunks: 4.5 s, well past the 0.5 s timeout
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 400}
+    with Server(create_app(slow, MODEL, DEFAULTS, queue_size=4), shutdown_timeout_s=0.5, plain=plain) as server:
+        with ThreadPoolExecutor(3) as pool:
+            streaming = threading.Event()
+            stream = pool.submit(_stream_events, server.url, body | {"stream": True}, streaming)
+            assert streaming.wait(20)
+            waiting = [pool.submit(httpx.post, server.url + "/v1/completions", json=body, timeout=30) for _ in range(2)]
+            assert _wait_until(lambda: httpx.get(server.url + "/health").json()["queue_depth"] == 3)
+            server.stop()
+            events = stream.result(timeout=20)
+            answers = [future.result(timeout=20) for future in waiting]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "shutting_down"
+    assert len(events) < 15
+    for answer in answers:
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down"
+        assert int(answer.headers["Retry-After"]) >= 1
+    cancelled = [record for record in caplog.records if "cancelled request" in record.getMessage()]
+    assert len(cancelled) == 3, [record.getMessage() for record in caplog.records]
+    assert not [record for record in caplog.records if record.exc_info], "a traceback was logged"
+
+
 # ---- the command line and SIGTERM ------------------------------------------------------------------------------
 
 
@@ -437,13 +688,14 @@ def test_cli_rejects_bad_settings_before_loading_models(capsys):
 
 
 _SIGTERM_SCRIPT = """
-import sys, uvicorn, torch
+import logging, sys, torch
 sys.path.insert(0, {tests!r})
 torch.set_num_threads(1)
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")  # as `bild serve` does
 from test_serve import SlowEngine, tiny_chat_engine, DEFAULTS
-from bild.serve import create_app
-app = create_app(SlowEngine(tiny_chat_engine(), 0.05), "tiny", DEFAULTS, queue_size=2)
-uvicorn.run(app, host="127.0.0.1", port={port}, log_level="warning", timeout_graceful_shutdown=1)
+from bild.serve import create_app, run
+app = create_app(SlowEngine(tiny_chat_engine(), 0.5), "tiny", DEFAULTS, queue_size=2)
+run(app, "127.0.0.1", {port}, shutdown_timeout_s=1, log_level="warning")
 """
 
 
@@ -466,7 +718,12 @@ def test_sigterm_cancels_in_flight_generation_and_exits():
             assert process.wait(timeout=20) in (0, -signal.SIGTERM)
             assert time.monotonic() - started < 15
             assert len(rest) < 400
-        assert "Traceback" not in process.stderr.read()
+        # cut off by the shutdown timeout, the stream still ends with an error event and [DONE], not mid-body
+        events = [line.removeprefix("data: ") for line in rest if line]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "shutting_down"
+        log = process.stderr.read()
+        assert "Traceback" not in log
+        assert len([line for line in log.splitlines() if "cancelled request" in line]) == 1, log
     finally:
         if process.poll() is None:
             process.kill()

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from bild.cli import align, early_exit, eval, generate, serve
-from bild.cli.common import UsageError
+from bild.cli.common import UsageError, check_text_arguments
 from bild.extras import MissingExtraError
 
 # Each subcommand module exposes register(subparsers), in the order `bild --help` lists them.
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
     try:
+        check_text_arguments(args)
         return args.func(args) or 0
     except (UsageError, MissingExtraError) as error:
         print(f"bild {args.command}: error: {error}", file=sys.stderr)

@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from bild.cli.common import fail, set_threads
+from bild.cli.common import check_output, fail, set_threads
 from bild.models import DEFAULT_LARGE
 
 ALIGN_EPILOG = """\
@@ -95,7 +95,10 @@ def run_align(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_output(args.out, "--out", directory=True)
+        check_output(args.work_dir, "--work-dir", directory=True)
         set_threads(args.threads)
+        _check_training_arguments(args)
         if not 0 < args.heldout_fraction < 1:
             raise ValueError(f"--heldout-fraction must be in (0, 1), got {args.heldout_fraction}")
         prompts = read_inputs(args.inputs)
@@ -114,9 +117,31 @@ def run_align(args: argparse.Namespace) -> int:
     return 0
 
 
-def _non_negative(flag: str, value: int) -> int:
-    if value < 0:
+def _check_training_arguments(args: argparse.Namespace) -> None:
+    """The numbers of `bild align`, before any model loads."""
+    _at_least_one("--max-new-tokens", args.max_new_tokens)
+    _at_least_one("--batch-size", args.batch_size)
+    _non_negative("--top-k", args.top_k)
+    _positive("--epochs", args.epochs)
+    _positive("--learning-rate", args.learning_rate)
+    _non_negative("--kl-weight", args.kl_weight)
+
+
+def _non_negative(flag: str, value: float) -> float:
+    if not value >= 0:  # also refuses nan
         raise ValueError(f"{flag} must be >= 0, got {value}")
+    return value
+
+
+def _positive(flag: str, value: float) -> float:
+    if not value > 0:
+        raise ValueError(f"{flag} must be > 0, got {value}")
+    return value
+
+
+def _at_least_one(flag: str, value: int) -> int:
+    if value < 1:
+        raise ValueError(f"{flag} must be >= 1, got {value}")
     return value
 
 
@@ -136,24 +161,28 @@ def run_little(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        check_output(args.out, "--out", directory=True)
+        check_output(args.work_dir, "--work-dir", directory=True)
         set_threads(args.threads)
         config = LittleConfig()
         if args.prompts is not None:
-            config = replace(config, prompts=args.prompts)
+            config = replace(config, prompts=_at_least_one("--prompts", args.prompts))
         if args.package_prompts is not None:
             config = replace(config, package_prompts=_non_negative("--package-prompts", args.package_prompts))
         if args.epochs is not None:
-            config = replace(config, train=replace(config.train, epochs=args.epochs))
+            config = replace(config, train=replace(config.train, epochs=_positive("--epochs", args.epochs)))
         if args.kl_weight is not None:
-            config = replace(config, train=replace(config.train, kl_weight=args.kl_weight))
+            config = replace(config, train=replace(config.train, kl_weight=_non_negative("--kl-weight", args.kl_weight)))
         if args.learning_rate is not None:
-            config = replace(config, train=replace(config.train, learning_rate=args.learning_rate))
+            learning_rate = _positive("--learning-rate", args.learning_rate)
+            config = replace(config, train=replace(config.train, learning_rate=learning_rate))
         if args.init_layers is not None:
             config = replace(config, init_layers=_layer_list(args.init_layers))
         if args.delta_rank is not None:
             config = replace(config, delta_rank=_non_negative("--delta-rank", args.delta_rank))
         if args.max_train_minutes is not None:
-            config = replace(config, train=replace(config.train, max_minutes=args.max_train_minutes))
+            minutes = _positive("--max-train-minutes", args.max_train_minutes)
+            config = replace(config, train=replace(config.train, max_minutes=minutes))
         if args.length_bucket is not None:
             bucket = _non_negative("--length-bucket", args.length_bucket)
             config = replace(config, train=replace(config.train, length_bucket=bucket))

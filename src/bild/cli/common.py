@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+import tempfile
+from pathlib import Path
 
 from bild.config import BiLDConfig, SamplingConfig
 from bild.models import DEFAULT_LARGE, DEFAULT_SMALL
@@ -87,3 +91,41 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def check_output(path: Path | None, option: str, directory: bool = False) -> None:
+    """Refuse (UsageError) an output that could not be written, before any model loads, so no finished run is lost
+    to a bad path: a file path that is a directory, a directory path that is a file, a place where nothing can be
+    created (no permission, a read-only or virtual file system such as /proc). Creates the missing directories, as
+    the command would, and probes them with a temporary file."""
+    if path is None:
+        return
+    if directory and path.exists() and not path.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a file, not a directory")
+    if not directory and path.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a directory; give a file name")
+    folder = path if directory else path.parent
+    existing = next(parent for parent in [folder, *folder.parents] if parent.exists())
+    if not existing.is_dir():
+        raise UsageError(f"{option} {str(path)!r} cannot be written: {str(existing)!r} is a file, not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UsageError(f"{option} {str(path)!r} cannot be written: {error.strerror or error}") from None
+
+
+def check_text_arguments(args: argparse.Namespace) -> None:
+    """Refuse command-line text that is not valid UTF-8 (Python keeps each undecodable byte as a lone surrogate,
+    which no tokenizer takes), naming the argument and the byte. Values naming an existing file are paths, not text."""
+    for name, value in vars(args).items():
+        if isinstance(value, str) and (found := _UNDECODED_BYTE.search(value)) and not os.path.exists(value):
+            label = name if name == "prompt" else "--" + name.replace("_", "-")
+            raise UsageError(
+                f"{label} is not valid UTF-8 text (byte 0x{ord(found.group()) - 0xDC00:02x} at character "
+                f"{found.start()}); save or type it as UTF-8 (a UTF-8 locale, e.g. LANG=C.UTF-8)"
+            )
+
+
+_UNDECODED_BYTE = re.compile("[\udc80-\udcff]")  # os.fsdecode's surrogateescape: byte b becomes U+DC00 + b

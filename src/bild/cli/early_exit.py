@@ -8,7 +8,7 @@ import logging
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from bild.cli.common import UsageError, set_threads
+from bild.cli.common import UsageError, check_output, set_threads
 
 EPILOG = """examples:
   bild early-exit train                                   # k = 2,4,6,8 measured, k = 4 shipped to src/bild/weights
@@ -73,7 +73,17 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from bild.train.early_exit import ExitTrainConfig, train_exits
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    check_output(args.out_dir, "--out-dir", directory=True)
+    check_output(args.report, "--report")
+    _check_input_file(args.calibration, "--calibration")
     set_threads(args.threads)
+    for flag, value in (("--epochs", args.epochs), ("--learning-rate", args.learning_rate)):
+        if not value > 0:  # also refuses nan
+            raise UsageError(f"{flag} must be > 0, got {value}")
+    if not args.kl_weight >= 0:
+        raise UsageError(f"--kl-weight must be >= 0, got {args.kl_weight}")
+    if args.max_train_records is not None and args.max_train_records < 1:
+        raise UsageError(f"--max-train-records must be >= 1, got {args.max_train_records}")
     if args.ship_layer not in args.exit_layers:
         raise UsageError(f"--ship-layer {args.ship_layer} is not among --exit-layers {args.exit_layers}")
     defaults = ExitTrainConfig()
@@ -100,6 +110,8 @@ def _cmd_cost(args: argparse.Namespace) -> None:
     from bild.models import DEFAULT_LARGE, load_model
 
     set_threads(args.threads)
+    if args.steps < 1 or args.rounds < 1:
+        raise UsageError(f"--steps and --rounds must be >= 1, got {args.steps} and {args.rounds}")
     try:
         large = load_model(DEFAULT_LARGE)
         drafters = {name: load_model(name, large=large) for name in args.small.split(",")}
@@ -117,6 +129,9 @@ def _cmd_agreement(args: argparse.Namespace) -> None:
     from bild.models import DEFAULT_LARGE, load_model
 
     set_threads(args.threads)
+    _check_input_file(args.calibration, "--calibration")
+    if args.max_records < 1:
+        raise UsageError(f"--max-records must be >= 1, got {args.max_records}")
     config = ExitTrainConfig()
     records = [record for record in read_calibration(args.calibration) if record.output_ids]
     heldout = split_by_index(records, config.heldout_every)[1][: args.max_records]
@@ -130,3 +145,10 @@ def _cmd_agreement(args: argparse.Namespace) -> None:
     tokens = sum(min(len(r.output_ids), config.train.max_target_tokens) for r in heldout)
     result = {name: agreement(drafter, heldout, config.train) for name, drafter in drafters.items()}
     print(json.dumps({"heldout_records": len(heldout), "heldout_tokens": tokens, "agreement": result}, indent=2))
+
+
+def _check_input_file(path: Path, option: str) -> None:
+    if path.is_dir():
+        raise UsageError(f"{option} {str(path)!r} is a directory; give the calibration JSONL file")
+    if not path.is_file():
+        raise UsageError(f"{option} {str(path)!r} does not exist; `bild little --calibration-only` writes it")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
-from bild.cli.common import fail, set_threads
+from bild.cli.common import UsageError, check_output, fail, set_threads
 from bild.config import BiLDConfig
 from bild.models import DEFAULT_LARGE, DEFAULT_SMALL
 
@@ -138,6 +140,8 @@ def run_eval(args: argparse.Namespace) -> int:
     from bild.models import load_pair
 
     try:
+        check_output(args.json_out, "--json-out")
+        check_output(args.out_dir, "--out-dir", directory=True)
         methods = [name.strip() for name in args.methods.split(",") if name.strip()]
         unknown = [name for name in methods if name not in method_names()]
         if unknown or not methods:
@@ -165,13 +169,25 @@ def run_eval(args: argparse.Namespace) -> int:
     print(format_table(summary))
     if result.interrupted:
         print(f"interrupted: the summary covers the {result.n} finished examples", file=sys.stderr)
-    if args.json_out:
-        write_json(summary, args.json_out)
-        print(f"summary: {args.json_out}", file=sys.stderr)
-    if args.out_dir:
-        write_json(summary, args.out_dir / "summary.json")
-        print(f"per-example rows: {args.out_dir / 'examples.jsonl'}", file=sys.stderr)
+    with _kept_if_unwritable(summary):
+        if args.json_out:
+            write_json(summary, args.json_out)
+            print(f"summary: {args.json_out}", file=sys.stderr)
+        if args.out_dir:
+            write_json(summary, args.out_dir / "summary.json")
+            print(f"per-example rows: {args.out_dir / 'examples.jsonl'}", file=sys.stderr)
     return 130 if result.interrupted else 0
+
+
+@contextmanager
+def _kept_if_unwritable(summary: dict):
+    """A write failing after the run (its path was checked before; the disk filled up or it changed since): print
+    the summary JSON instead of losing it, and say what failed in one line (UsageError: exit code 2)."""
+    try:
+        yield
+    except OSError as error:
+        print(json.dumps(summary, allow_nan=False))
+        raise UsageError(f"could not write {error.filename}: {error.strerror}; the summary JSON is printed above") from None
 
 
 def format_table(summary: dict) -> str:
@@ -208,12 +224,17 @@ def run_sweep(args: argparse.Namespace) -> int:
     from bild.eval.sweep import default_grid, plot, run_sweep as sweep
     from bild.models import check_same_vocabulary, load_model
 
+    plot_path = args.plot or (args.json_out.with_suffix(".png") if args.json_out else None)
+    plot_path = plot_path or (args.out_dir / "sweep.png" if args.out_dir else None)
     try:
+        check_output(args.json_out, "--json-out")
+        check_output(args.out_dir, "--out-dir", directory=True)
+        check_output(plot_path, "--plot")
         config, dataset = _load_inputs(args, {})
         fallback_grid, rollback_grid = default_grid(dataset.metric)
-        if args.fallback_thresholds:
+        if args.fallback_thresholds is not None:  # "" is a mistake, not "the default grid"
             fallback_grid = _floats(args.fallback_thresholds, "--fallback-thresholds")
-        if args.rollback_thresholds:
+        if args.rollback_thresholds is not None:
             rollback_grid = _floats(args.rollback_thresholds, "--rollback-thresholds")
         for fallback in fallback_grid:  # the config validates every value before any model loads
             BiLDConfig(fallback_threshold=fallback)
@@ -238,16 +259,15 @@ def run_sweep(args: argparse.Namespace) -> int:
         bar.close()
     summary = result.to_json()
     print(format_picks(result))
-    plot_path = args.plot or (args.json_out.with_suffix(".png") if args.json_out else None)
-    plot_path = plot_path or (args.out_dir / "sweep.png" if args.out_dir else None)
-    if args.json_out:
-        write_json(summary, args.json_out)
-        print(f"sweep points: {args.json_out}", file=sys.stderr)
-    if args.out_dir:
-        write_json(summary, args.out_dir / "sweep.json")
-    if plot_path:
-        plot(result, plot_path)
-        print(f"plot: {plot_path}", file=sys.stderr)
+    with _kept_if_unwritable(summary):
+        if args.json_out:
+            write_json(summary, args.json_out)
+            print(f"sweep points: {args.json_out}", file=sys.stderr)
+        if args.out_dir:
+            write_json(summary, args.out_dir / "sweep.json")
+        if plot_path:
+            plot(result, plot_path)
+            print(f"plot: {plot_path}", file=sys.stderr)
     return 130 if result.interrupted else 0
 
 

@@ -9,6 +9,10 @@ import sys
 from bild.cli.common import UsageError, add_decoding_arguments, add_model_arguments, config_from_args, set_threads
 from bild.models import DEFAULT_LARGE
 
+# the defaults of bild.serve.app, which needs the serve extra to import; tests/test_serve.py checks they agree
+DEFAULT_QUEUE_SIZE = 32
+DEFAULT_MAX_PROMPT_TOKENS = 2048
+
 API_KEY_ENV = "BILD_API_KEY"
 
 EPILOG = f"""\
@@ -21,7 +25,8 @@ examples:
     -d '{{"model": "{DEFAULT_LARGE}", "prompt": "The capital of France is", "max_tokens": 20}}'
 
 Per-request BiLD settings are extra body fields: fallback_threshold, rollback_threshold, max_small_steps,
-repeat_ngram.
+repeat_ngram. Limits: request bodies of 8 MiB, prompts of --max-prompt-tokens, --queue-size waiting requests (more
+get 429 with Retry-After); SIGTERM gives requests --shutdown-timeout seconds, then ends them with an error.
 GET /metrics serves Prometheus metrics; GET /health answers 200 while the generation worker runs.
 """
 
@@ -41,8 +46,14 @@ def register(subparsers) -> argparse.ArgumentParser:
     http.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
     http.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
     http.add_argument("--api-key", default=os.environ.get(API_KEY_ENV), help=f"require 'Authorization: Bearer KEY' on /v1 routes (default: ${API_KEY_ENV})")
-    http.add_argument("--queue-size", type=int, default=8, help="requests that may wait while one generates; more get 429 (default: %(default)s)")
-    http.add_argument("--shutdown-timeout", type=float, default=10.0, help="seconds in-flight requests get to finish on SIGTERM (default: %(default)s)")
+    http.add_argument("--queue-size", type=int, default=DEFAULT_QUEUE_SIZE,
+                      help="requests that may wait while one generates; more get 429 with Retry-After (default: %(default)s)")
+    http.add_argument("--max-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS,
+                      help="longer prompts get 400 (context_length_exceeded): one long prompt holds the only worker, "
+                           "~15 s for 2,000 tokens on a busy 2-core CPU (default: %(default)s)")
+    http.add_argument("--shutdown-timeout", type=float, default=10.0,
+                      help="seconds in-flight requests get to finish on SIGTERM; then a stream ends with an error "
+                           "event and a waiting request gets 503 (default: %(default)s)")
     http.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
     http.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_decoding_arguments(parser.add_argument_group("server-wide defaults (each request may override them)"))
@@ -51,15 +62,17 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from bild.decoding import BiLD
     from bild.models import load_pair
-    from bild.serve import create_app
+    from bild.serve import create_app, run as run_server
 
     defaults = config_from_args(args)
     if args.queue_size < 0:
         raise UsageError(f"--queue-size must be >= 0, got {args.queue_size}")
+    if args.max_prompt_tokens < 1:
+        raise UsageError(f"--max-prompt-tokens must be >= 1, got {args.max_prompt_tokens}")
+    if not args.shutdown_timeout >= 0:  # also refuses nan
+        raise UsageError(f"--shutdown-timeout must be >= 0 seconds, got {args.shutdown_timeout}")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0-65535, got {args.port}")
     if args.small is None or args.small.lower() == "none":
@@ -73,9 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"warning: serving on {args.host} without an API key (--api-key or ${API_KEY_ENV})", file=sys.stderr)
     model_name = args.model_name or args.large
-    app = create_app(BiLD(pair), model_name, defaults, queue_size=args.queue_size, api_key=args.api_key)
+    app = create_app(BiLD(pair), model_name, defaults, queue_size=args.queue_size, api_key=args.api_key,
+                     max_prompt_tokens=args.max_prompt_tokens)
     print(f"serving {model_name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr)
-    uvicorn.run(
-        app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=args.shutdown_timeout
-    )
-    return 0
+    started = run_server(app, args.host, args.port, shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level)
+    return 0 if started else 1  # uvicorn has logged why (e.g. the port is taken)

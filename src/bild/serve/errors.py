@@ -13,6 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bild.serve.schemas import MAX_BODY_BYTES
+
 logger = logging.getLogger(__name__)
 
 _TYPES = {
@@ -79,14 +81,28 @@ def _validation_message(error: dict, param: str | None) -> str:
     if kind == "extra_forbidden":
         return f"unrecognized field {param!r}"
     where = f"field {param!r}: " if param else "request body: "
+    if kind == "value_error":  # the schema's own checks: their message without pydantic's "Value error, " prefix
+        return where + str(error.get("ctx", {}).get("error", error.get("msg")))
     return where + str(error.get("msg", "invalid value"))
+
+
+def _not_a_json_object(request: Request) -> str:
+    """Why a body that FastAPI did not read as a JSON object failed: most often the Content-Type header."""
+    content_type = request.headers.get("content-type")
+    if content_type is None or "json" not in content_type.lower():
+        got = f"'Content-Type: {content_type}'" if content_type else "no Content-Type header"
+        return f"the request body must be JSON sent with 'Content-Type: application/json'; this request has {got}"
+    return "the request body must be a JSON object such as {\"model\": ..., \"prompt\": ...}"
 
 
 async def _on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = list(exc.errors())
-    first = errors[0] if errors else {}
+    # the schema's own messages say more than the type errors of a union's other members
+    first = next((error for error in errors if error.get("type") == "value_error"), errors[0] if errors else {})
     if first.get("type") == "json_invalid":
         return error_response(APIError(400, _validation_message(first, None), code="invalid_json"))
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") != "missing":
+        return error_response(APIError(400, _not_a_json_object(request), code="invalid_json"))
     param = _field_name(tuple(first.get("loc", ())))
     # A union field (stop, prompt, content) fails once per alternative: say every alternative.
     same_field = [error for error in errors if _field_name(tuple(error.get("loc", ()))) == param]
@@ -101,10 +117,18 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     status = exc.status_code if 400 <= exc.status_code < 600 else 400
+    if status == 413:  # FastAPI's body limit, counted as the body arrives (with or without Content-Length)
+        return error_response(body_too_large())
     message = exc.detail if isinstance(exc.detail, str) else "request failed"
     if status == 404:
         message = f"no route {request.url.path!r}; see GET /v1/models and the OpenAI API"
     return error_response(APIError(status, message, headers=dict(exc.headers or {})))
+
+
+def body_too_large() -> APIError:
+    """413; closing the connection stops a client that is still sending (else the server reads the rest to discard)."""
+    message = f"the request body is larger than {MAX_BODY_BYTES // 2**20} MiB"
+    return APIError(413, message, headers={"Connection": "close"})
 
 
 async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:

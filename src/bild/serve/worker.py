@@ -4,6 +4,10 @@ The event loop never runs the model: a request becomes a `Job`, the worker threa
 hands every piece of final text back to the loop through the job's asyncio queue. Stop strings are applied here, so
 streamed and non-streamed answers are cut by the same code. A cancelled job (client gone, server shutting down)
 closes its generator at the next chunk, which ends the generation and frees the slot for the next job in line.
+
+A client turned away by a full queue is told when to come back (Retry-After): the queued and running jobs' tokens
+still to generate, each job's capped at its max_tokens and at the typical length of recent answers, times the recent
+time per token; capped at `MAX_RETRY_AFTER_S`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ from dataclasses import dataclass, field
 from bild.config import BiLDConfig, FinishReason, GenerationStats
 
 logger = logging.getLogger(__name__)
+
+MAX_RETRY_AFTER_S = 60  # the openai client waits as long as Retry-After says only up to 60 s, then backs off itself
+_FIRST_SECONDS_PER_TOKEN = 0.1  # until the first answer is measured: the default pair on a busy 2-core CPU
+_RECENT = 0.2  # weight of the newest job in the moving averages
 
 
 class QueueFull(Exception):
@@ -68,9 +76,11 @@ class Job:
     config: BiLDConfig
     stops: list[str]
     loop: asyncio.AbstractEventLoop
+    request_id: str = ""  # for the log
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     state: _State = _State.QUEUED
+    tokens_done: int = 0  # generated so far (written by the worker thread)
 
     def put(self, event: Event) -> None:
         """Hand an event to the request's coroutine (called from the worker thread)."""
@@ -127,7 +137,8 @@ class GenerationWorker:
         self._running: Job | None = None
         self._queued: list[Job] = []
         self._closed = False
-        self._mean_job_s = 1.0  # moving average of job durations, for Retry-After
+        self._seconds_per_token = _FIRST_SECONDS_PER_TOKEN  # moving averages of recent jobs, for Retry-After
+        self._answer_tokens: float | None = None  # None: no job finished yet
         self._thread = threading.Thread(target=self._run, name="bild-generation", daemon=True)
         self._thread.start()
 
@@ -145,10 +156,28 @@ class GenerationWorker:
             if self._closed:
                 raise WorkerClosed("the server is shutting down")
             if self._in_system >= self.queue_size + 1:
-                raise QueueFull(max(1, math.ceil(self._mean_job_s * self._in_system)))
+                raise QueueFull(self._retry_after_s())
             self._in_system += 1
             self._queued.append(job)
         self._jobs.put(job)
+
+    def _retry_after_s(self) -> int:  # caller holds the lock
+        """Seconds until the queued and running work is done, estimated from recent jobs; 1 to MAX_RETRY_AFTER_S."""
+        jobs = [*self._queued, *([self._running] if self._running else [])]
+        tokens = sum(self._expected_tokens(job) - job.tokens_done for job in jobs)
+        return min(MAX_RETRY_AFTER_S, max(1, math.ceil(max(tokens, 0) * self._seconds_per_token)))
+
+    def _expected_tokens(self, job: Job) -> float:
+        typical = job.config.max_new_tokens if self._answer_tokens is None else self._answer_tokens
+        return max(job.tokens_done, min(job.config.max_new_tokens, typical))
+
+    def _learn(self, job: Job, elapsed_s: float) -> None:  # caller holds the lock
+        if job.tokens_done == 0:  # cancelled before its first token: says nothing about speed or length
+            return
+        self._seconds_per_token += _RECENT * (elapsed_s / job.tokens_done - self._seconds_per_token)
+        if not job.cancelled.is_set():  # a cancelled answer was cut short: its length is not an answer's
+            previous = job.tokens_done if self._answer_tokens is None else self._answer_tokens
+            self._answer_tokens = previous + _RECENT * (job.tokens_done - previous)
 
     def cancel(self, job: Job) -> None:
         """Stop a job: a queued one never starts, a running one stops at its next chunk. Idempotent."""
@@ -157,14 +186,26 @@ class GenerationWorker:
             if job.state is _State.QUEUED:
                 self._finish(job)
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Refuse new jobs, cancel every queued and running one, and wait for the worker thread."""
+    def stop_accepting(self) -> None:
+        """Refuse new jobs (WorkerClosed); the queued and running ones go on."""
         with self._lock:
             self._closed = True
-            pending = [*self._queued, *([self._running] if self._running else [])]
+
+    def cancel_all(self) -> int:
+        """Refuse new jobs and end every queued and running one with a WorkerClosed failure; one log line each."""
+        with self._lock:
+            self._closed = True
+            pending = [job for job in [*self._queued, self._running] if job is not None and not job.cancelled.is_set()]
         for job in pending:
+            logger.warning("shutting down: cancelled request %s (%s, %d tokens generated)",
+                           job.request_id or "?", job.state.value, job.tokens_done)
             self.cancel(job)
             job.put(Failed(WorkerClosed("the server is shutting down")))
+        return len(pending)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Cancel every queued and running job (`cancel_all`) and wait for the worker thread."""
+        self.cancel_all()
         self._jobs.put(None)
         self._thread.join(timeout_s)
 
@@ -191,7 +232,7 @@ class GenerationWorker:
             finally:
                 elapsed = time.perf_counter() - started
                 with self._lock:
-                    self._mean_job_s = 0.8 * self._mean_job_s + 0.2 * elapsed
+                    self._learn(job, elapsed)
                     self._running = None
                     self._finish(job)
 
@@ -206,6 +247,7 @@ class GenerationWorker:
                 if job.cancelled.is_set():
                     return
                 completion_tokens += len(chunk.token_ids)
+                job.tokens_done = completion_tokens
                 stats = chunk.stats
                 if text := scanner.feed(chunk.text):
                     job.put(TextDelta(text))

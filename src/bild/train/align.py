@@ -112,6 +112,8 @@ class AlignReport:
 def read_inputs(path: str | Path) -> list[str]:
     """Prompts from a JSONL file (field ``prompt`` or ``source``) or a plain-text file (one per non-empty line)."""
     path = Path(path)
+    if path.is_dir():
+        raise AlignInputError(f"input file {str(path)!r} is a directory; give a JSONL or text file")
     if not path.is_file():
         raise AlignInputError(f"input file {str(path)!r} does not exist")
     lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
