@@ -43,6 +43,7 @@ class _Server:
     defaults: BiLDConfig
     worker: GenerationWorker
     context_length: int | None  # None: the model has no fixed limit (e.g. relative positions)
+    replica: str | None = None  # the Ray Serve replica this app runs in (bild.serve.ray); None: a plain server
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -54,12 +55,14 @@ def create_app(
     queue_size: int = 8,
     api_key: str | None = None,
     context_length: int | None = None,
+    replica: str | None = None,
 ) -> FastAPI:
     """Serve `engine` (a `bild.decoding.BiLD`) under `model_name`.
 
     `defaults` holds the thresholds, max_new_tokens and sampling used when a request leaves them out; at most
     `queue_size` requests wait while one generates (more get 429); with `api_key` every /v1 route requires
-    ``Authorization: Bearer <api_key>``. `context_length` defaults to the models' position limit.
+    ``Authorization: Bearer <api_key>``. `context_length` defaults to the models' position limit. `replica` names the
+    Ray Serve replica in /health (bild.serve.ray).
     """
     server = _Server(
         engine=engine,
@@ -67,6 +70,7 @@ def create_app(
         defaults=defaults or BiLDConfig(),
         worker=GenerationWorker(engine, queue_size),
         context_length=context_length if context_length is not None else model_context_length(engine),
+        replica=replica,
     )
 
     @asynccontextmanager
@@ -148,6 +152,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             "queue_depth": server.worker.depth,
             "queue_size": server.worker.queue_size,
         }
+        if server.replica is not None:
+            body["replica"] = server.replica
         return JSONResponse(body, 200 if alive else 503)
 
     @app.get("/metrics")
