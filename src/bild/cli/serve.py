@@ -130,13 +130,13 @@ def _run_on_ray(args: argparse.Namespace, defaults) -> int:
     import ray
     from ray import serve
 
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
     local = args.ray_address is None
     print("starting a local Ray" if local else f"joining the Ray cluster at {args.ray_address}", file=sys.stderr)
     ray.init(address="local" if local else args.ray_address, include_dashboard=False, logging_level="WARNING",
              log_to_driver=args.log_level in ("info", "debug"))
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs a SIGTERM handler of its own
+        signal.signal(signum, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         replicas = args.autoscale or args.replicas
