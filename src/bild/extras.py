@@ -14,6 +14,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "eval": ("sacrebleu", "rouge_score", "matplotlib"),
     "serve": ("fastapi", "uvicorn", "prometheus_client"),
     "datasets": ("datasets",),
+    "ray": ("ray",),
 }
 
 

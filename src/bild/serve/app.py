@@ -58,6 +58,7 @@ class _Server:
     worker: GenerationWorker
     context_length: int | None  # None: the model has no fixed limit (e.g. relative positions)
     max_prompt_tokens: int  # the operator's limit; `prompt_limit` also keeps room in the context to generate
+    replica: str | None = None  # the Ray Serve replica this app runs in (bild.serve.ray); None: a plain server
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -82,13 +83,15 @@ def create_app(
     api_key: str | None = None,
     context_length: int | None = None,
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
+    replica: str | None = None,
 ) -> FastAPI:
     """Serve `engine` (a `bild.decoding.BiLD`) under `model_name`.
 
     `defaults` holds the thresholds, max_new_tokens and sampling used when a request leaves them out; at most
     `queue_size` requests wait while one generates (more get 429); with `api_key` every /v1 route requires
     ``Authorization: Bearer <api_key>``. `context_length` defaults to the models' position limit; prompts longer
-    than `max_prompt_tokens` are refused (400, code context_length_exceeded).
+    than `max_prompt_tokens` are refused (400, code context_length_exceeded). `replica` names the Ray Serve replica in
+    /health (bild.serve.ray).
     """
     if max_prompt_tokens < 1:
         raise ValueError(f"max_prompt_tokens must be >= 1, got {max_prompt_tokens}")
@@ -99,6 +102,7 @@ def create_app(
         worker=GenerationWorker(engine, queue_size),
         context_length=context_length if context_length is not None else model_context_length(engine),
         max_prompt_tokens=max_prompt_tokens,
+        replica=replica,
     )
 
     @asynccontextmanager
@@ -205,6 +209,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             "queue_depth": server.worker.depth,
             "queue_size": server.worker.queue_size,
         }
+        if server.replica is not None:
+            body["replica"] = server.replica
         return JSONResponse(body, 200 if alive else 503)
 
     @app.get("/metrics")

@@ -1,0 +1,158 @@
+"""bild on Ray: Ray Serve replicas behind the OpenAI API, on a local Ray started here (tiny seeded models, loopback)."""
+
+from __future__ import annotations
+
+import collections
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import psutil
+import pytest
+
+pytest.importorskip("ray", reason="bild[ray] is not installed")
+
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from bild.config import BiLDConfig  # noqa: E402
+from bild.serve.ray import DEPLOYMENT_NAME, REPLICA_HEADER, ReplicaSpec, Scaling, build_app  # noqa: E402
+from conftest import make_pair  # noqa: E402
+
+MODEL = "tiny"
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+
+
+def save_pair(root, with_eos: bool) -> tuple[str, str]:
+    """The conftest Llama pair written as two model directories (what a replica loads by path)."""
+    pair = make_pair("llama", with_eos=with_eos)
+    pair.large.tokenizer.chat_template = CHAT_TEMPLATE
+    paths = []
+    for loaded, name in ((pair.large, "large"), (pair.small, "small")):
+        path = root / name
+        loaded.model.save_pretrained(path)
+        pair.large.tokenizer.save_pretrained(path)
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# Runs first, before the module's own Ray starts, so the processes it counts are only its own.
+def test_cli_serves_on_a_local_ray_and_leaves_no_ray_process_after_sigterm(tmp_path):
+    large, small = save_pair(tmp_path, with_eos=True)
+    port = free_port()
+    command = [sys.executable, "-m", "bild", "serve", "--ray", "--replicas", "1", "--num-cpus", "0.5", "--threads", "1",
+               "--large", large, "--small", small, "--model-name", MODEL, "--port", str(port), "--max-new-tokens", "8"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    descendants: list[psutil.Process] = []
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while not _healthy(url):
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "bild serve --ray did not come up"
+            time.sleep(0.5)
+        answer = httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "w5 w6", "max_tokens": 4}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] >= 1
+        descendants = psutil.Process(process.pid).children(recursive=True)
+        assert descendants  # the local Ray's own processes (GCS, raylet, workers)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        assert "Traceback" not in process.stderr.read()
+        _, alive = psutil.wait_procs(descendants, timeout=30)
+        assert not alive, alive
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def pair_dirs(tmp_path_factory):
+    return save_pair(tmp_path_factory.mktemp("pair"), with_eos=False)  # no EOS: every answer runs to max_tokens
+
+
+@pytest.fixture(scope="module")
+def ray_url(pair_dirs):
+    """Two replicas of the tiny pair on a local Ray (2 CPUs, half a CPU each); Ray is shut down after the module."""
+    port = free_port()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        spec = ReplicaSpec(large=pair_dirs[0], small=pair_dirs[1], model_name=MODEL, queue_size=2, threads=1,
+                           defaults=BiLDConfig(max_new_tokens=12))
+        serve.run(build_app(spec, Scaling(replicas=2, num_cpus=0.5, max_queued=2, retry_after_s=1)),
+                  name=DEPLOYMENT_NAME, route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(ray_url) -> openai.OpenAI:
+    return openai.OpenAI(base_url=ray_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_chat_stream_and_bad_request_through_the_official_client(client):
+    messages = [{"role": "user", "content": "w5 w6 w7"}]
+    raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=10)
+    plain = raw.parse()
+    assert raw.headers[REPLICA_HEADER]  # every answer names its replica
+    stats = plain.model_extra["bild"]["stats"]
+    assert plain.usage.completion_tokens == 10
+    assert stats["small_tokens_kept"] + stats["large_tokens"] == plain.usage.completion_tokens
+    chunks = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, stream=True)
+    streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert streamed == plain.choices[0].message.content  # greedy: every replica writes the same text
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="w5 w6", max_tokens=-1)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="w5 w6", max_tokens=4)
+
+
+def test_both_replicas_serve_under_concurrent_load(ray_url):
+    def one(index: int) -> tuple[int, str | None]:
+        body = {"model": MODEL, "prompt": f"w{5 + index % 20} w9", "max_tokens": 48}
+        response = httpx.post(ray_url + "/v1/completions", json=body, timeout=120)
+        return response.status_code, response.headers.get(REPLICA_HEADER)
+
+    # 6 clients at once, each request long enough that a replica is still busy when the next one arrives: Ray's
+    # router sends it to the less loaded replica (both replicas x (1 running + 2 waiting) hold them all, so no 429)
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(one, range(24)))
+    assert all(status == 200 for status, _ in answers), collections.Counter(answers)
+    assert len({replica for _, replica in answers}) == 2, collections.Counter(answers)
+
+
+def test_overload_is_429_with_retry_after_never_5xx(ray_url):
+    """2 replicas x (1 generating + 2 queued) + 2 held by Ray: 40 long requests at once must overflow."""
+
+    def one(index: int) -> httpx.Response:
+        body = {"model": MODEL, "prompt": "w5 w6", "max_tokens": 300}
+        return httpx.post(ray_url + "/v1/completions", json=body, timeout=120)
+
+    with ThreadPoolExecutor(40) as pool:
+        responses = list(pool.map(one, range(40)))
+    statuses = collections.Counter(response.status_code for response in responses)
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses[429] >= 1 and statuses[200] >= 2, statuses
+    refused = [response for response in responses if response.status_code == 429]
+    assert all(int(response.headers["retry-after"]) >= 1 for response in refused)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
