@@ -1,4 +1,10 @@
-"""The two BiLD policies as pure functions: they read tensors and return decisions; the loop owns all state."""
+"""The BiLD policies as pure functions: they read tensors and numbers and return decisions; the loop owns all state.
+
+- fallback (:func:`should_fall_back`) and rollback (:func:`find_rollback`): Algorithm 1 of the paper;
+- the repetition guard (:func:`repeated_ngrams`): not in the paper, see BiLDConfig.repeat_ngram;
+- adaptive drafting (:func:`best_draft_length` and the ``next_*`` updates): not in the paper, see BiLDConfig.policy.
+  They change only when the large model runs, never what it accepts, so alpha_RB = 0 stays exact.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +13,17 @@ from dataclasses import dataclass
 
 import torch
 
-from bild.config import BiLDConfig, SamplingConfig
+from bild.config import SamplingConfig
 from bild.sampling import pick
 
 
-def should_fall_back(small_confidence: float, small_run: int, config: BiLDConfig) -> bool:
+def should_fall_back(small_confidence: float, small_run: int, fallback_threshold: float, max_small_steps: int) -> bool:
     """Fallback policy: hand over to the large model when the small model is unsure or has written N tokens in a row.
 
     alpha_FB = 1 always falls back, even when a float32 top-1 probability rounds to exactly 1.0.
     """
-    unsure = small_confidence < config.fallback_threshold or config.fallback_threshold >= 1.0
-    return unsure or small_run >= config.max_small_steps
+    unsure = small_confidence < fallback_threshold or fallback_threshold >= 1.0
+    return unsure or small_run >= max_small_steps
 
 
 @dataclass(frozen=True)
@@ -91,3 +97,89 @@ def repeated_ngrams(output: Sequence[Hashable], first: int, n: int, earlier: set
         flags[position - first] = gram in earlier or gram in later
         later.add(gram)
     return flags
+
+
+# ---------------------------------------------------------------------------------------------- adaptive drafting
+
+
+@dataclass(frozen=True)
+class DraftCosts:
+    """Seconds per model call, as the loop measures them (or as a caller fixes them)."""
+
+    small_step: float  # one single-token step of the small model
+    large_base: float  # a large pass over one token
+    large_per_token: float  # what each further token adds to a large pass
+
+    def round_time(self, draft_length: int) -> float:
+        """One round: ``draft_length`` small steps, then one large pass over the drafts and one more position."""
+        return draft_length * (self.small_step + self.large_per_token) + self.large_base
+
+
+def expected_tokens(acceptance: float, draft_length: int) -> float:
+    """Tokens one round yields when each draft survives the check with probability ``acceptance``, independently:
+    the accepted prefix of the drafts plus the large model's own token (appended, or the replacement of a rollback).
+    """
+    if acceptance >= 1.0:
+        return draft_length + 1.0
+    return (1.0 - acceptance ** (draft_length + 1)) / (1.0 - acceptance)
+
+
+def best_draft_length(acceptance: float, costs: DraftCosts, longest: int) -> int:
+    """The draft length in [0, longest] that maximises expected tokens per second; 0: the large model alone.
+
+    Ties go to the shorter draft (less work thrown away when the estimate is off).
+    """
+    best, best_rate = 0, 1.0 / costs.round_time(0)
+    for length in range(1, longest + 1):
+        rate = expected_tokens(acceptance, length) / costs.round_time(length)
+        if rate > best_rate * (1 + 1e-9):
+            best, best_rate = length, rate
+    return best
+
+
+def next_acceptance(acceptance: float, checked: int, accepted: int, memory: float) -> float:
+    """Running estimate of the share of drafts the large model accepts, after one check of ``checked`` drafts.
+
+    Each draft moves the estimate by ``1 - memory`` toward 1 (accepted) or 0 (rejected): an exponential average
+    over the last ~1 / (1 - memory) drafts, so the estimate follows the request's text as it changes.
+    """
+    for index in range(checked):
+        outcome = 1.0 if index < accepted else 0.0
+        acceptance = memory * acceptance + (1.0 - memory) * outcome
+    return acceptance
+
+
+def next_draft_cap(cap: int, checked: int, accepted: int, longest: int) -> int:
+    """The cap on the next draft, grown after a fully accepted draft that reached it and shrunk after a rollback.
+
+    Doubling up and halving down (at least 1): a run of good drafts reaches N in a few rounds, one bad draft costs at
+    most half the cap's work in the next round.
+    """
+    if checked and accepted == checked and checked >= cap:
+        return min(longest, cap * 2)
+    if accepted < checked:
+        return max(1, cap // 2)
+    return cap
+
+
+def next_fallback_threshold(threshold: float, floor: float, rejected_confidence: float | None,
+                            all_accepted: bool, step: float = 0.05, ceiling: float = 0.95) -> float:
+    """alpha_FB raised when a draft the small model was confident about is rejected, lowered again (never below the
+    configured ``floor``) when a draft is accepted whole.
+
+    rejected_confidence: the small model's top-1 probability for the rejected draft, None when nothing was rejected.
+    A rejection at confidence c lifts the threshold halfway to just above c (so equally confident drafts fall back
+    next time), at most to ``ceiling``.
+    """
+    if rejected_confidence is not None and rejected_confidence >= threshold:
+        target = min(ceiling, rejected_confidence + step)
+        return max(threshold, (threshold + target) / 2)
+    if all_accepted:
+        return max(floor, threshold - step)
+    return threshold
+
+
+def next_probe_interval(interval: int, probe_accepted: bool, shortest: int, longest: int) -> int:
+    """How many large-only passes to wait before drafting again when drafting does not pay: doubled after a probe
+    that was rejected, reset after one that was accepted."""
+    return shortest if probe_accepted else min(longest, interval * 2)

@@ -51,6 +51,9 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     bild.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
     bild.add_argument("--repeat-ngram", type=int, default=BiLDConfig().repeat_ngram, metavar="N",
                       help="repetition guard of the BiLD methods (not in the paper); 0 = off (default: %(default)s)")
+    bild.add_argument("--policy", choices=["adaptive", "fixed"], default=BiLDConfig().policy,
+                      help="drafting policy of the bild methods; bild-fixed and bild-lossless-fixed always use fixed "
+                           "(default: %(default)s)")
     output = parser.add_argument_group("output")
     output.add_argument("--json-out", type=Path, help="write the summary JSON here")
     output.add_argument("--out-dir", type=Path, help="write per-example rows to OUT_DIR/examples.jsonl as they finish")
@@ -124,7 +127,7 @@ def _load_inputs(args: argparse.Namespace, config_overrides: dict):
 
     set_threads(args.threads)
     config = BiLDConfig(max_small_steps=args.max_small_steps, max_new_tokens=args.max_new_tokens,
-                        repeat_ngram=args.repeat_ngram, **config_overrides)
+                        repeat_ngram=args.repeat_ngram, policy=args.policy, **config_overrides)
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     template = args.prompt_template.replace("\\n", "\n") if args.prompt_template else None  # a typed \n is a newline
