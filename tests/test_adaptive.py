@@ -11,8 +11,10 @@ from bild.models import ModelPair
 from bild.policies import (
     DraftCosts,
     best_draft_length,
+    drafting_gain,
     expected_tokens,
     next_acceptance,
+    next_average,
     next_draft_cap,
     next_fallback_threshold,
     next_probe_interval,
@@ -57,12 +59,18 @@ def test_draft_cap_doubles_when_filled_and_halves_after_a_rollback():
 
 
 def test_fallback_threshold_rises_after_confident_rejections_and_returns_to_its_floor():
-    raised = next_fallback_threshold(0.6, floor=0.6, rejected_confidence=0.9, all_accepted=False)
-    assert raised == pytest.approx((0.6 + 0.95) / 2)
+    assert next_fallback_threshold(0.6, floor=0.6, rejected_confidence=0.9, all_accepted=False) == pytest.approx(0.62)
     assert next_fallback_threshold(0.6, floor=0.6, rejected_confidence=0.3, all_accepted=False) == 0.6  # was unsure
-    assert next_fallback_threshold(0.8, floor=0.6, rejected_confidence=None, all_accepted=True) == pytest.approx(0.75)
-    assert next_fallback_threshold(0.62, floor=0.6, rejected_confidence=None, all_accepted=True) == 0.6
-    assert next_fallback_threshold(0.95, floor=0.6, rejected_confidence=0.99, all_accepted=False) <= 0.95
+    assert next_fallback_threshold(0.8, floor=0.6, rejected_confidence=None, all_accepted=True) == pytest.approx(0.78)
+    assert next_fallback_threshold(0.61, floor=0.6, rejected_confidence=None, all_accepted=True) == 0.6
+    assert next_fallback_threshold(0.95, floor=0.6, rejected_confidence=0.99, all_accepted=False) == 0.95
+
+
+def test_drafting_gain_compares_rounds_with_the_large_model_alone():
+    assert drafting_gain(1.0, COSTS.large_base, COSTS) == 1.0  # one token per large pass: the same as alone
+    assert drafting_gain(4.0, COSTS.round_time(3), COSTS) == pytest.approx(4 / 1.36)
+    assert drafting_gain(1.0, COSTS.round_time(3), COSTS) < 1.0  # every draft rejected: slower than alone
+    assert next_average(1.0, 3.0, memory=0.75) == 1.5
 
 
 def test_probe_interval_backs_off_and_resets():

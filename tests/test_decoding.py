@@ -10,7 +10,7 @@ import torch
 from bild.config import BiLDConfig, SamplingConfig
 from bild.decoding import BiLD
 from bild.models import ModelPair
-from bild.policies import repeated_ngrams
+from bild.policies import DraftCosts, repeated_ngrams
 
 from conftest import make_pair, prompt_ids, watch_large_passes
 
@@ -39,7 +39,8 @@ def policy(request) -> str:
 @pytest.mark.parametrize("fallback_threshold", [0.0, 0.4])
 def test_lossless_rollback_equals_large_greedy(family, fallback_threshold, policy):
     pair = make_pair(family)  # EOS disabled: every run goes to max_new_tokens through many rounds
-    engine = BiLD(pair)
+    # a drafter far cheaper than the large model, so that the adaptive policy keeps drafting where it can
+    engine = BiLD(pair, costs=DraftCosts(small_step=0.01, large_base=1.0, large_per_token=0.0))
     rollbacks = passes = kept = 0
     for seed in range(5):
         ids = prompt_ids(seed, length=3 + 4 * seed)
@@ -54,8 +55,8 @@ def test_lossless_rollback_equals_large_greedy(family, fallback_threshold, polic
             passes += result.stats.large_passes
             kept += result.stats.small_tokens_kept
     assert rollbacks > 5 and passes > 20, "the test must go through many fallback/rollback rounds"
-    if fallback_threshold == 0.0:
-        assert kept > 5, "some small-model tokens must survive the check"
+    if fallback_threshold == 0.0:  # the adaptive policy drafts less where the pair seldom agrees (t5 here)
+        assert kept > (5 if policy == "fixed" else 0), "some small-model tokens must survive the check"
 
 
 def test_always_fall_back_equals_large_greedy(family, policy):

@@ -23,8 +23,10 @@ from bild.models import LoadedModel, ModelPair
 from bild.policies import (
     DraftCosts,
     best_draft_length,
+    drafting_gain,
     find_rollback,
     next_acceptance,
+    next_average,
     next_draft_cap,
     next_fallback_threshold,
     next_probe_interval,
@@ -79,6 +81,8 @@ class _Adaptation:
     """The adaptive policy's state for one request (BiLDConfig.policy == "adaptive"); the math is in policies.py."""
 
     acceptance: float  # running share of checked drafts the large model accepted
+    round_tokens: float  # running mean of the tokens a drafting round put in the output
+    round_cost: float  # ... and of what the round cost (DraftCosts units)
     cap: int  # grown after fully accepted drafts, halved after rollbacks
     fallback_threshold: float
     probe_interval: int  # large-only passes before the next probe draft
@@ -89,8 +93,10 @@ class _Adaptation:
 class BiLD:
     """Generate with a model pair. `pair.small` may be None: then only `vanilla` is available."""
 
-    # adaptive policy: memory of the acceptance average (~7 steps), first cap, probe spacing in large-only passes
-    ACCEPTANCE_MEMORY = 0.85
+    # adaptive policy: memories of the running averages (of checked drafts, of rounds), the first cap, the spacing
+    # of probes in large-only passes
+    ACCEPTANCE_MEMORY = 0.9
+    ROUND_MEMORY = 0.7
     FIRST_CAP = 2
     PROBE_INTERVALS = (8, 64)
 
@@ -278,39 +284,46 @@ class BiLD:
 
     # ---- the adaptive policy (BiLDConfig.policy == "adaptive") ---------------------------------------------
     def _start_adaptation(self, config: BiLDConfig, prompt_ids: list[int]) -> _Adaptation:
+        """The prior: a drafter as good as the large model alone (gain 1), a short first cap, alpha_FB as configured."""
         if self.costs is None:
             self.costs = self.measure_costs(prompt_ids, config.max_small_steps)
         shortest, _ = self.PROBE_INTERVALS
-        return _Adaptation(acceptance=0.5, cap=min(self.FIRST_CAP, config.max_small_steps),
+        return _Adaptation(acceptance=0.5, round_tokens=1.0, round_cost=self.costs.large_base,
+                           cap=min(self.FIRST_CAP, config.max_small_steps),
                            fallback_threshold=config.fallback_threshold, probe_interval=shortest)
 
     def _plan_round(self, run: _Run, config: BiLDConfig, adaptation: _Adaptation | None) -> None:
-        """Set the next round's draft cap and alpha_FB; record them for the statistics."""
+        """Set the next round's draft cap and alpha_FB."""
         run.draft_confidences.clear()
         if adaptation is None:
             run.draft_cap, run.fallback_threshold = config.max_small_steps, config.fallback_threshold
+            return
+        gain = drafting_gain(adaptation.round_tokens, adaptation.round_cost, self.costs)
+        worth = max(1, best_draft_length(adaptation.acceptance, self.costs, config.max_small_steps))
+        adaptation.probing = gain < 1.0 and adaptation.passes_alone >= adaptation.probe_interval
+        if adaptation.probing:
+            run.draft_cap = 1
         else:
-            costs = self.costs
-            length = min(adaptation.cap, best_draft_length(adaptation.acceptance, costs, config.max_small_steps))
-            adaptation.probing = length == 0 and adaptation.passes_alone >= adaptation.probe_interval
-            run.draft_cap = 1 if adaptation.probing else length
-            run.fallback_threshold = adaptation.fallback_threshold
+            run.draft_cap = min(adaptation.cap, worth) if gain >= 1.0 else 0
+        run.fallback_threshold = adaptation.fallback_threshold
 
     def _adapt(self, run: _Run, config: BiLDConfig, adaptation: _Adaptation, checked: int, accepted: int,
                dropped: int) -> None:
         """Learn from one round: `checked` drafts went to the large model and the first `accepted` of them stayed;
-        `dropped` (0 or 1) small steps ended in a fallback. A dropped step costs what a rejected draft costs, so the
-        acceptance counts it as one: the estimate is the share of small steps that end up in the output."""
+        `dropped` (0 or 1) small steps ended in a fallback, their token thrown away."""
         if run.draft_cap == 0:
             adaptation.passes_alone += 1
             return
-        steps = checked + dropped
+        memory = self.ROUND_MEMORY
+        tokens, cost = accepted + 1, self.costs.round_time(checked) + dropped * self.costs.small_step
+        adaptation.round_tokens = next_average(adaptation.round_tokens, tokens, memory)
+        adaptation.round_cost = next_average(adaptation.round_cost, cost, memory)
         if adaptation.probing:
             shortest, longest = self.PROBE_INTERVALS
-            probe_accepted = accepted == steps
-            adaptation.probe_interval = next_probe_interval(adaptation.probe_interval, probe_accepted, shortest, longest)
+            paid = tokens * self.costs.large_base > cost
+            adaptation.probe_interval = next_probe_interval(adaptation.probe_interval, paid, shortest, longest)
         adaptation.passes_alone = 0
-        adaptation.acceptance = next_acceptance(adaptation.acceptance, steps, accepted, self.ACCEPTANCE_MEMORY)
+        adaptation.acceptance = next_acceptance(adaptation.acceptance, checked, accepted, self.ACCEPTANCE_MEMORY)
         adaptation.cap = next_draft_cap(adaptation.cap, checked, accepted, config.max_small_steps)
         rejected = run.draft_confidences[accepted] if accepted < checked else None
         adaptation.fallback_threshold = next_fallback_threshold(

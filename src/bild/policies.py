@@ -137,16 +137,23 @@ def best_draft_length(acceptance: float, costs: DraftCosts, longest: int) -> int
     return best
 
 
-def next_acceptance(acceptance: float, checked: int, accepted: int, memory: float) -> float:
-    """Running estimate of the share of drafts the large model accepts, after one check of ``checked`` drafts.
+def next_average(average: float, value: float, memory: float) -> float:
+    """An exponential running average: ``memory`` of the old value, the rest of the new one."""
+    return memory * average + (1.0 - memory) * value
 
-    Each draft moves the estimate by ``1 - memory`` toward 1 (accepted) or 0 (rejected): an exponential average
-    over the last ~1 / (1 - memory) drafts, so the estimate follows the request's text as it changes.
-    """
+
+def next_acceptance(acceptance: float, checked: int, accepted: int, memory: float) -> float:
+    """Running estimate of the share of drafts the large model accepts, after one check of ``checked`` drafts
+    (the first ``accepted`` of which stayed): each draft moves it by ``1 - memory`` toward 1 or 0."""
     for index in range(checked):
-        outcome = 1.0 if index < accepted else 0.0
-        acceptance = memory * acceptance + (1.0 - memory) * outcome
+        acceptance = next_average(acceptance, 1.0 if index < accepted else 0.0, memory)
     return acceptance
+
+
+def drafting_gain(round_tokens: float, round_cost: float, costs: DraftCosts) -> float:
+    """How many times faster drafting rounds write than the large model alone: tokens per cost of the rounds, over
+    one token per large pass. Below 1, drafting does not pay."""
+    return round_tokens * costs.large_base / round_cost
 
 
 def next_draft_cap(cap: int, checked: int, accepted: int, longest: int) -> int:
@@ -163,17 +170,14 @@ def next_draft_cap(cap: int, checked: int, accepted: int, longest: int) -> int:
 
 
 def next_fallback_threshold(threshold: float, floor: float, rejected_confidence: float | None,
-                            all_accepted: bool, step: float = 0.05, ceiling: float = 0.95) -> float:
-    """alpha_FB raised when a draft the small model was confident about is rejected, lowered again (never below the
-    configured ``floor``) when a draft is accepted whole.
+                            all_accepted: bool, step: float = 0.02, ceiling: float = 0.95) -> float:
+    """alpha_FB one ``step`` higher after a rejected draft the small model was at least that confident about (at most
+    ``ceiling``), one step lower after a draft accepted whole (never below the configured ``floor``).
 
-    rejected_confidence: the small model's top-1 probability for the rejected draft, None when nothing was rejected.
-    A rejection at confidence c lifts the threshold halfway to just above c (so equally confident drafts fall back
-    next time), at most to ``ceiling``.
+    rejected_confidence: the small model's top-1 probability for the rejected draft; None when none was rejected.
     """
     if rejected_confidence is not None and rejected_confidence >= threshold:
-        target = min(ceiling, rejected_confidence + step)
-        return max(threshold, (threshold + target) / 2)
+        return min(ceiling, max(threshold, threshold + step))
     if all_accepted:
         return max(floor, threshold - step)
     return threshold
