@@ -22,10 +22,8 @@ from bild.cpu import use_cpu_kernels
 from bild.models import LoadedModel, ModelPair
 from bild.policies import (
     DraftCosts,
-    best_draft_length,
     drafting_gain,
     find_rollback,
-    next_acceptance,
     next_average,
     next_draft_cap,
     next_fallback_threshold,
@@ -80,12 +78,12 @@ class _Run:
 class _Adaptation:
     """The adaptive policy's state for one request (BiLDConfig.policy == "adaptive"); the math is in policies.py."""
 
-    acceptance: float  # running share of checked drafts the large model accepted
     round_tokens: float  # running mean of the tokens a drafting round put in the output
     round_cost: float  # ... and of what the round cost (DraftCosts units)
     cap: int  # grown after fully accepted drafts, halved after rollbacks
     fallback_threshold: float
     probe_interval: int  # large-only passes before the next probe draft
+    rounds: int = 0  # drafting rounds seen
     passes_alone: int = 0  # large-only passes since drafting was last tried
     probing: bool = False  # this round is a one-token probe
 
@@ -93,12 +91,11 @@ class _Adaptation:
 class BiLD:
     """Generate with a model pair. `pair.small` may be None: then only `vanilla` is available."""
 
-    # adaptive policy: memories of the running averages (of checked drafts, of rounds), the first cap, the spacing
-    # of probes in large-only passes
-    ACCEPTANCE_MEMORY = 0.9
-    ROUND_MEMORY = 0.7
-    FIRST_CAP = 2
-    PROBE_INTERVALS = (8, 64)
+    # adaptive policy: memory of the running averages over drafting rounds, the evidence needed before it stops
+    # drafting, the spacing of probes in large-only passes
+    ROUND_MEMORY = 0.8
+    EVIDENCE_ROUNDS = 2  # drafting rounds seen before the policy may stop drafting
+    PROBE_INTERVALS = (4, 64)
 
     def __init__(self, pair: ModelPair, cpu_kernels: bool = True, costs: DraftCosts | None = None) -> None:
         """cpu_kernels: on a CPU, switch the large model (in place) to :func:`bild.cpu.use_cpu_kernels`: the same
@@ -284,12 +281,13 @@ class BiLD:
 
     # ---- the adaptive policy (BiLDConfig.policy == "adaptive") ---------------------------------------------
     def _start_adaptation(self, config: BiLDConfig, prompt_ids: list[int]) -> _Adaptation:
-        """The prior: a drafter as good as the large model alone (gain 1), a short first cap, alpha_FB as configured."""
+        """The prior: a drafter as good as the large model alone (gain 1), a quarter of N as the first cap, alpha_FB
+        as configured."""
         if self.costs is None:
             self.costs = self.measure_costs(prompt_ids, config.max_small_steps)
         shortest, _ = self.PROBE_INTERVALS
-        return _Adaptation(acceptance=0.5, round_tokens=1.0, round_cost=self.costs.large_base,
-                           cap=min(self.FIRST_CAP, config.max_small_steps),
+        return _Adaptation(round_tokens=1.0, round_cost=self.costs.large_base,
+                           cap=max(1, config.max_small_steps // 4),
                            fallback_threshold=config.fallback_threshold, probe_interval=shortest)
 
     def _plan_round(self, run: _Run, config: BiLDConfig, adaptation: _Adaptation | None) -> None:
@@ -299,12 +297,12 @@ class BiLD:
             run.draft_cap, run.fallback_threshold = config.max_small_steps, config.fallback_threshold
             return
         gain = drafting_gain(adaptation.round_tokens, adaptation.round_cost, self.costs)
-        worth = max(1, best_draft_length(adaptation.acceptance, self.costs, config.max_small_steps))
-        adaptation.probing = gain < 1.0 and adaptation.passes_alone >= adaptation.probe_interval
+        pays = gain >= 1.0 or adaptation.rounds < self.EVIDENCE_ROUNDS
+        adaptation.probing = not pays and adaptation.passes_alone >= adaptation.probe_interval
         if adaptation.probing:
             run.draft_cap = 1
         else:
-            run.draft_cap = min(adaptation.cap, worth) if gain >= 1.0 else 0
+            run.draft_cap = adaptation.cap if pays else 0
         run.fallback_threshold = adaptation.fallback_threshold
 
     def _adapt(self, run: _Run, config: BiLDConfig, adaptation: _Adaptation, checked: int, accepted: int,
@@ -318,12 +316,12 @@ class BiLD:
         tokens, cost = accepted + 1, self.costs.round_time(checked) + dropped * self.costs.small_step
         adaptation.round_tokens = next_average(adaptation.round_tokens, tokens, memory)
         adaptation.round_cost = next_average(adaptation.round_cost, cost, memory)
+        adaptation.rounds += 1
         if adaptation.probing:
             shortest, longest = self.PROBE_INTERVALS
             paid = tokens * self.costs.large_base > cost
             adaptation.probe_interval = next_probe_interval(adaptation.probe_interval, paid, shortest, longest)
         adaptation.passes_alone = 0
-        adaptation.acceptance = next_acceptance(adaptation.acceptance, checked, accepted, self.ACCEPTANCE_MEMORY)
         adaptation.cap = next_draft_cap(adaptation.cap, checked, accepted, config.max_small_steps)
         rejected = run.draft_confidences[accepted] if accepted < checked else None
         adaptation.fallback_threshold = next_fallback_threshold(

@@ -2,7 +2,7 @@
 
 - fallback (:func:`should_fall_back`) and rollback (:func:`find_rollback`): Algorithm 1 of the paper;
 - the repetition guard (:func:`repeated_ngrams`): not in the paper, see BiLDConfig.repeat_ngram;
-- adaptive drafting (:func:`best_draft_length` and the ``next_*`` updates): not in the paper, see BiLDConfig.policy.
+- adaptive drafting (:func:`drafting_gain` and the ``next_*`` updates): not in the paper, see BiLDConfig.policy.
   They change only when the large model runs, never what it accepts, so alpha_RB = 0 stays exact.
 """
 
@@ -115,39 +115,9 @@ class DraftCosts:
         return draft_length * (self.small_step + self.large_per_token) + self.large_base
 
 
-def expected_tokens(acceptance: float, draft_length: int) -> float:
-    """Tokens one round yields when each draft survives the check with probability ``acceptance``, independently:
-    the accepted prefix of the drafts plus the large model's own token (appended, or the replacement of a rollback).
-    """
-    if acceptance >= 1.0:
-        return draft_length + 1.0
-    return (1.0 - acceptance ** (draft_length + 1)) / (1.0 - acceptance)
-
-
-def best_draft_length(acceptance: float, costs: DraftCosts, longest: int) -> int:
-    """The draft length in [0, longest] that maximises expected tokens per second; 0: the large model alone.
-
-    Ties go to the shorter draft (less work thrown away when the estimate is off).
-    """
-    best, best_rate = 0, 1.0 / costs.round_time(0)
-    for length in range(1, longest + 1):
-        rate = expected_tokens(acceptance, length) / costs.round_time(length)
-        if rate > best_rate * (1 + 1e-9):
-            best, best_rate = length, rate
-    return best
-
-
 def next_average(average: float, value: float, memory: float) -> float:
     """An exponential running average: ``memory`` of the old value, the rest of the new one."""
     return memory * average + (1.0 - memory) * value
-
-
-def next_acceptance(acceptance: float, checked: int, accepted: int, memory: float) -> float:
-    """Running estimate of the share of drafts the large model accepts, after one check of ``checked`` drafts
-    (the first ``accepted`` of which stayed): each draft moves it by ``1 - memory`` toward 1 or 0."""
-    for index in range(checked):
-        acceptance = next_average(acceptance, 1.0 if index < accepted else 0.0, memory)
-    return acceptance
 
 
 def drafting_gain(round_tokens: float, round_cost: float, costs: DraftCosts) -> float:
@@ -157,12 +127,12 @@ def drafting_gain(round_tokens: float, round_cost: float, costs: DraftCosts) -> 
 
 
 def next_draft_cap(cap: int, checked: int, accepted: int, longest: int) -> int:
-    """The cap on the next draft, grown after a fully accepted draft that reached it and shrunk after a rollback.
+    """The cap on the next draft: doubled after a draft the large model accepted whole, halved after a rollback.
 
-    Doubling up and halving down (at least 1): a run of good drafts reaches N in a few rounds, one bad draft costs at
-    most half the cap's work in the next round.
+    Doubling up and halving down (within [1, longest]): a run of good drafts reaches N in a few rounds, one bad draft
+    costs at most half the cap's work in the next round.
     """
-    if checked and accepted == checked and checked >= cap:
+    if checked and accepted == checked:
         return min(longest, cap * 2)
     if accepted < checked:
         return max(1, cap // 2)
