@@ -179,27 +179,38 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def format_table(summary: dict) -> str:
     """The summary as an aligned text table, one row per method."""
-    columns = [
-        ("method", None), ("ROUGE-L", "rougeL"), ("BLEU", "bleu"), ("rep-4", "rep4"), ("time s", "time_s"),
-        ("speedup", "speedup"), ("tok/s", "tokens_per_s"), ("exact", "exact_match"), ("fallback", "fallback_rate"),
-        ("rollback", "rollback_rate"), ("tok/large pass", "tokens_per_large_pass"),
-    ]
-    rows = [[title for title, _ in columns]]
-    for name, values in summary["methods"].items():
-        rows.append([name] + [_cell(key, values.get(key)) for _, key in columns[1:]])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = [f"{summary['dataset']}: n={summary['n']}, large={summary['large']}, small={summary['small']}"]
+    lines += _method_rows(summary["methods"])
+    for kind, methods in summary.get("kinds", {}).items():
+        lines += ["", f"kind {kind}:"] + _method_rows(methods)
+    return "\n".join(lines)
+
+
+_COLUMNS = [
+    ("method", None), ("ROUGE-L", "rougeL"), ("BLEU", "bleu"), ("vs large", "rougeL_vs_large"), ("rep-4", "rep4"),
+    ("time s", "time_s"), ("speedup", "speedup"), ("tok/s ratio", "throughput_ratio"), ("exact", "exact_match"),
+    ("fallback", "fallback_rate"), ("rollback", "rollback_rate"), ("tok/large pass", "tokens_per_large_pass"),
+]
+
+
+def _method_rows(methods: dict) -> list[str]:
+    """One aligned row per method (speedup = latency ratio over vanilla; tok/s ratio = throughput ratio)."""
+    rows = [[title for title, _ in _COLUMNS]]
+    for name, values in methods.items():
+        rows.append([name] + [_cell(key, values.get(key)) for _, key in _COLUMNS[1:]])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = []
     for index, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)))
         if index == 0:
             lines.append("  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return lines
 
 
 def _cell(key: str, value) -> str:
     if value is None:
         return "-"
-    if key == "speedup":
+    if key in ("speedup", "throughput_ratio"):
         return f"{value:.2f}x"
     if key in ("exact_match", "fallback_rate", "rollback_rate"):
         return f"{value:.2f}"
