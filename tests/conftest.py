@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from bild.models import LoadedModel, ModelPair
+from bild.policies import DraftCosts
 
 torch.set_num_threads(1)  # tiny matrices: one thread is faster, and steadier on a busy 2-core machine
 
@@ -152,7 +153,21 @@ def watch_large_passes(monkeypatch, on_pass) -> None:
 
     def verify_and_watch(self, run, config, large, small, generator, finished):
         before = run.rollbacks
-        original_verify(self, run, config, large, small, generator, finished)
+        accepted = original_verify(self, run, config, large, small, generator, finished)
         on_pass(run, large, small, run.rollbacks > before)
+        return accepted
 
     monkeypatch.setattr(BiLD, "_verify", verify_and_watch)
+
+
+# What the adaptive policy assumes a small step and a large pass cost in the tests, instead of measuring them: a
+# drafter a tenth as costly as the large model, as on real pairs (the tiny test models cost about the same as each
+# other). Fixed costs keep every test independent of the clock; a test that wants other costs passes its own.
+TEST_COSTS = DraftCosts(small_step=0.1, large_base=1.0, large_per_token=0.02)
+
+
+@pytest.fixture(autouse=True)
+def clock_free_costs(monkeypatch):
+    from bild.decoding import BiLD
+
+    monkeypatch.setattr(BiLD, "measure_costs", lambda self, prompt_ids, longest, repeats=5: TEST_COSTS)

@@ -10,7 +10,7 @@ import torch
 from bild.config import BiLDConfig, SamplingConfig
 from bild.decoding import BiLD
 from bild.models import ModelPair
-from bild.policies import repeated_ngrams
+from bild.policies import DraftCosts, repeated_ngrams
 
 from conftest import make_pair, prompt_ids, watch_large_passes
 
@@ -29,15 +29,24 @@ def hf_greedy(pair: ModelPair, ids: list[int], max_new_tokens: int) -> list[int]
     return out.tolist()
 
 
+@pytest.fixture(params=["adaptive", "fixed"])
+def policy(request) -> str:
+    """Every exactness test runs under both drafting policies: adaptation changes when the large model runs, never
+    what it accepts."""
+    return request.param
+
+
 @pytest.mark.parametrize("fallback_threshold", [0.0, 0.4])
-def test_lossless_rollback_equals_large_greedy(family, fallback_threshold):
+def test_lossless_rollback_equals_large_greedy(family, fallback_threshold, policy):
     pair = make_pair(family)  # EOS disabled: every run goes to max_new_tokens through many rounds
-    engine = BiLD(pair)
+    # a drafter far cheaper than the large model, so that the adaptive policy keeps drafting where it can
+    engine = BiLD(pair, costs=DraftCosts(small_step=0.01, large_base=1.0, large_per_token=0.0))
     rollbacks = passes = kept = 0
     for seed in range(5):
         ids = prompt_ids(seed, length=3 + 4 * seed)
         for max_new in LENGTHS:
-            config = BiLDConfig(fallback_threshold=fallback_threshold, rollback_threshold=0.0, max_new_tokens=max_new)
+            config = BiLDConfig(fallback_threshold=fallback_threshold, rollback_threshold=0.0, max_new_tokens=max_new,
+                                policy=policy)
             result = engine.generate_ids(ids, config)
             reference = hf_greedy(pair, ids, max_new)
             assert result.token_ids == reference, (seed, max_new)
@@ -46,33 +55,33 @@ def test_lossless_rollback_equals_large_greedy(family, fallback_threshold):
             passes += result.stats.large_passes
             kept += result.stats.small_tokens_kept
     assert rollbacks > 5 and passes > 20, "the test must go through many fallback/rollback rounds"
-    if fallback_threshold == 0.0:
-        assert kept > 5, "some small-model tokens must survive the check"
+    if fallback_threshold == 0.0:  # the adaptive policy drafts less where the pair seldom agrees (t5 here)
+        assert kept > (5 if policy == "fixed" else 0), "some small-model tokens must survive the check"
 
 
-def test_always_fall_back_equals_large_greedy(family):
+def test_always_fall_back_equals_large_greedy(family, policy):
     pair = make_pair(family)
     engine = BiLD(pair)
     for seed in range(4):
         ids = prompt_ids(seed, length=5 + seed)
-        config = BiLDConfig(fallback_threshold=1.0, rollback_threshold=5.0, max_new_tokens=20)
+        config = BiLDConfig(fallback_threshold=1.0, rollback_threshold=5.0, max_new_tokens=20, policy=policy)
         result = engine.generate_ids(ids, config)
         assert result.token_ids == hf_greedy(pair, ids, 20)
         assert result.stats.small_tokens_kept == 0 and result.stats.large_passes == 20
 
 
-def test_small_equal_to_large_equals_greedy(family):
+def test_small_equal_to_large_equals_greedy(family, policy):
     pair = make_pair(family, same=True)
     engine = BiLD(pair)
     for seed in range(4):
         ids = prompt_ids(seed, length=4 + seed)
-        config = BiLDConfig(fallback_threshold=0.3, rollback_threshold=2.0, max_new_tokens=25)
+        config = BiLDConfig(fallback_threshold=0.3, rollback_threshold=2.0, max_new_tokens=25, policy=policy)
         result = engine.generate_ids(ids, config)
         assert result.token_ids == hf_greedy(pair, ids, 25)
         assert result.stats.rollbacks == 0
 
 
-def test_eos_ends_generation_and_stays_exact(family):
+def test_eos_ends_generation_and_stays_exact(family, policy):
     pair = make_pair(family)
     # Random tiny models rarely pick any one token, so the EOS id is a token the large model does write.
     eos = hf_greedy(pair, prompt_ids(0, 4), 40)[12]
@@ -82,7 +91,7 @@ def test_eos_ends_generation_and_stays_exact(family):
     stopped = 0
     for seed in range(8):
         ids = prompt_ids(seed, length=4)
-        config = BiLDConfig(fallback_threshold=0.2, rollback_threshold=0.0, max_new_tokens=40)
+        config = BiLDConfig(fallback_threshold=0.2, rollback_threshold=0.0, max_new_tokens=40, policy=policy)
         result = engine.generate_ids(ids, config)
         reference = hf_greedy(pair, ids, 40)
         assert result.token_ids == reference
@@ -107,7 +116,7 @@ def _fresh_logits(decoder, tokens: list[int]) -> torch.Tensor:
     return fresh.forward(tokens)[decoder.seen :]
 
 
-def test_cropped_caches_match_recomputed(family, monkeypatch):
+def test_cropped_caches_match_recomputed(family, monkeypatch, policy):
     """After every rollback, both cropped caches give the logits a from-scratch computation gives."""
     pair = make_pair(family)
     engine = BiLD(pair)
@@ -123,7 +132,8 @@ def test_cropped_caches_match_recomputed(family, monkeypatch):
 
     watch_large_passes(monkeypatch, check)
     for seed in range(4):
-        engine.generate_ids(prompt_ids(seed, 6), BiLDConfig(fallback_threshold=0.0, rollback_threshold=0.5, max_new_tokens=30))
+        engine.generate_ids(prompt_ids(seed, 6), BiLDConfig(fallback_threshold=0.0, rollback_threshold=0.5, max_new_tokens=30,
+                                                             policy=policy))
     assert len(checked) >= 3
 
 
@@ -187,7 +197,7 @@ def test_empty_prompt_is_refused():
         engine.generate("   ", chat=False)
 
 
-def test_no_model_recomputes_a_cached_token(family, monkeypatch):
+def test_no_model_recomputes_a_cached_token(family, monkeypatch, policy):
     """Each model is fed every token once, plus only the tokens a rollback cropped from its cache."""
     from bild.cache import CachedDecoder
 
@@ -207,7 +217,8 @@ def test_no_model_recomputes_a_cached_token(family, monkeypatch):
     monkeypatch.setattr(CachedDecoder, "crop", counting_crop)
     seen_at_end = {}
     watch_large_passes(monkeypatch, lambda run, large, small, _: seen_at_end.update({id(large): large, id(small): small}))
-    result = BiLD(make_pair(family)).generate_ids(prompt_ids(2, 6), BiLDConfig(fallback_threshold=0.0, rollback_threshold=0.5, max_new_tokens=30))
+    config = BiLDConfig(fallback_threshold=0.0, rollback_threshold=0.5, max_new_tokens=30, policy=policy)
+    result = BiLD(make_pair(family)).generate_ids(prompt_ids(2, 6), config)
     assert result.stats.rollbacks > 0 and len(seen_at_end) == 2
     for key, decoder in seen_at_end.items():
         assert fed[key] - cropped.get(key, 0) == decoder.seen == decoder.cache_length()

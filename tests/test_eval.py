@@ -18,6 +18,7 @@ from bild.config import BiLDConfig
 from bild.eval import datasets, docsum, mansum, metrics
 from bild.eval.datasets import DataFormatError, DatasetError, EvalDataset, Example, load_dataset
 from bild.eval.harness import evaluate, summarize
+from bild.cli.eval import format_table
 from bild.eval.methods import method_names
 from bild.eval.sweep import SweepPoint, SweepResult, plot, run_sweep
 from bild.train.sources import is_eval_module
@@ -258,7 +259,8 @@ def test_ctrl_c_keeps_finished_examples(tmp_path, monkeypatch):
 def test_summarize_rates_per_generated_token():
     from bild.eval.harness import ExampleRecord
 
-    stats = {"fallbacks": 2, "rollbacks": 1, "large_passes": 4, "small_time_s": 0.2, "large_time_s": 0.5, "small_tokens_drafted": 7}
+    stats = {"fallbacks": 2, "rollbacks": 1, "large_passes": 4, "small_time_s": 0.2, "large_time_s": 0.5, "small_tokens_drafted": 7,
+             "small_steps": 9}
     record = ExampleRecord(0, "0", "bild", "a b", "a b", 1.0, 8, True, stats)
     baseline = ExampleRecord(0, "0", "vanilla", "a b", "a b", 2.0, 8, True, None)
     summary = summarize([record], [baseline])
@@ -266,6 +268,43 @@ def test_summarize_rates_per_generated_token():
     assert summary.tokens_per_large_pass == 2.0 and summary.overhead_s == pytest.approx(0.3) and summary.small_steps == 9
     looping = ExampleRecord(0, "0", "bild", "a b c d a b c d", "a b", 1.0, 8, False, stats)
     assert summary.rep4 is None and summarize([looping], [baseline]).rep4 == pytest.approx(20.0)
+    # 8 tokens in 1 s against the baseline's 8 in 2 s: twice the throughput; the same text as the large model's
+    assert summary.throughput_ratio == 2.0 and summary.rougeL_vs_large == pytest.approx(100.0)
+
+
+def test_every_kind_is_summarized_on_its_own(tmp_path):
+    pair = make_pair("llama", with_eos=True)
+    rows = [{"id": str(i), "kind": "odd" if i % 2 else "even", "source": f"w{5 + i} w9 w10", "reference": "w5 w6"}
+            for i in range(4)]
+    path = tmp_path / "kinds.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dataset = load_dataset(str(path), prompt_template="{source}")
+    assert [example.kind for example in dataset.examples] == ["even", "odd", "even", "odd"]
+    result = evaluate(pair, dataset, ["bild"], BiLDConfig(max_new_tokens=4), warmup=0)
+    summary = result.to_json()
+    assert set(summary["kinds"]) == {"even", "odd"}
+    for kind, methods in summary["kinds"].items():
+        assert set(methods) == {"vanilla", "bild"}
+        assert methods["vanilla"]["new_tokens"] == sum(r.new_tokens for r in result.records["vanilla"] if r.kind == kind)
+    assert "kind odd:" in format_table(summary)
+
+
+def test_the_mixed_set_has_six_kinds_from_disjoint_sources(tmp_path):
+    from bild.eval import mixed
+
+    try:
+        mixed.build(tmp_path / "mixed.jsonl")
+    except mixed.MixedSourcesMissing as error:
+        pytest.skip(str(error))
+    rows = [json.loads(line) for line in (tmp_path / "mixed.jsonl").read_text().splitlines()]
+    kinds = {kind: [row for row in rows if row["kind"] == kind] for kind in mixed.KINDS}
+    assert all(len(kind_rows) >= 20 for kind_rows in kinds.values())
+    assert len({row["id"] for row in rows}) == len(rows)
+    packages = {kind: {row["id"].split("-", 1)[1] for row in kinds[kind]} for kind in ("summarize", "question", "passage", "write")}
+    assert all(not (packages[a] & packages[b]) for a in packages for b in packages if a < b)  # one kind per package
+    for row in kinds["arithmetic"]:
+        assert row["reference"].isdigit() or row["reference"].lstrip("-").isdigit()
+    assert all(row["reference"] for row in rows if row["kind"] != "write")
 
 
 # ---- sweep -------------------------------------------------------------------------------------------------------

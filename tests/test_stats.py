@@ -76,7 +76,7 @@ def test_statistics_of_a_scripted_run():
     #   small drafts 10 40 41 (N reached) -> large pass 2 rolls back 40 (NLL ~10 > 1), writes 11, discards 40 41
     #   small drafts 12, then is unsure after 12 -> fallback, large pass 3 accepts 12, writes 13 -> 8 new tokens
     engine = BiLD(scripted_pair())
-    config = BiLDConfig(fallback_threshold=0.5, rollback_threshold=1.0, max_small_steps=3, max_new_tokens=8)
+    config = BiLDConfig(fallback_threshold=0.5, rollback_threshold=1.0, max_small_steps=3, max_new_tokens=8, policy="fixed")
     result = engine.generate_ids([5], config)
     assert result.token_ids == [6, 7, 8, 9, 10, 11, 12, 13]
     stats = result.stats
@@ -91,7 +91,7 @@ def test_statistics_of_a_scripted_run():
 
 def test_without_rollback_the_wrong_token_stays():
     engine = BiLD(scripted_pair())
-    config = BiLDConfig(fallback_threshold=0.5, rollback_threshold=float("inf"), max_small_steps=3, max_new_tokens=8)
+    config = BiLDConfig(fallback_threshold=0.5, rollback_threshold=float("inf"), max_small_steps=3, max_new_tokens=8, policy="fixed")
     result = engine.generate_ids([5], config)
     assert result.token_ids == [6, 7, 8, 9, 10, 40, 41, 42]
     assert result.stats.rollbacks == 0 and result.stats.tokens_discarded == 0
@@ -106,7 +106,7 @@ def test_small_eos_is_checked_before_generation_ends():
     pair.small.model.generation_config.eos_token_id = 63
     pair.large.model.generation_config.eos_token_id = 63
     engine = BiLD(pair)
-    config = BiLDConfig(fallback_threshold=0.5, rollback_threshold=1.0, max_small_steps=10, max_new_tokens=6)
+    config = BiLDConfig(fallback_threshold=0.5, rollback_threshold=1.0, max_small_steps=10, max_new_tokens=6, policy="fixed")
     result = engine.generate_ids([5], config)
     # 6 7 <eos> -> rolled back to 8; 9 10 40 (length reached) -> rolled back to 11
     assert result.token_ids == [6, 7, 8, 9, 10, 11]
@@ -126,7 +126,7 @@ def looping_pair() -> ModelPair:
 def test_repeat_guard_rolls_back_a_loop_the_large_model_would_leave():
     engine = BiLD(looping_pair())
     loose = BiLDConfig(fallback_threshold=0.5, rollback_threshold=float("inf"), max_small_steps=10, max_new_tokens=14,
-                       repeat_ngram=0)
+                       repeat_ngram=0, policy="fixed")
     assert engine.generate_ids([5], loose).token_ids == [6, 7, 8, 9] * 3 + [6, 7]
     # the guard (bigrams): 6 7 8 9 | 6 7 8 9 repeat bigrams the large model also picks, so they stay; the third 6
     # repeats (9, 6), which the large model would not write: rolled back to 10 (the 7 after it is discarded too)

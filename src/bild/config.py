@@ -39,6 +39,11 @@ class BiLDConfig:
     # not in the paper: a small token that completes a token n-gram already in the output is rolled back whenever the
     # large model would pick another token there (alpha_RB = 0 for repeats); 0 turns the guard off (Algorithm 1 as is)
     repeat_ngram: int = 4
+    # not in the paper: "adaptive" learns per request how long to draft from what the large model accepts and from
+    # the measured cost of both models (N is then the longest draft and alpha_FB the least threshold); it stops
+    # drafting where drafting does not pay and probes again now and then. "fixed" is Algorithm 1 as published.
+    # Either way the large model checks every kept draft by the same rule: alpha_RB = 0 stays exact.
+    policy: Literal["adaptive", "fixed"] = "adaptive"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
@@ -59,6 +64,8 @@ class BiLDConfig:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not (isinstance(self.repeat_ngram, int) and self.repeat_ngram >= 0):
             raise ValueError(f"repeat_ngram must be an integer >= 0 (0 = no repetition guard), got {self.repeat_ngram!r}")
+        if self.policy not in ("adaptive", "fixed"):
+            raise ValueError(f"policy must be 'adaptive' or 'fixed', got {self.policy!r}")
         if not isinstance(self.sampling, SamplingConfig):
             raise ValueError(f"sampling must be a SamplingConfig, got {type(self.sampling).__name__}")
 
@@ -78,6 +85,9 @@ class GenerationStats:
     large_passes: int  # non-autoregressive large-model calls (the prefill pass included)
     fallbacks: int  # large passes triggered by low small-model confidence
     rollbacks: int
+    small_steps: int  # small-model forward calls (drafts, dropped fallback steps and catch-ups after pauses)
+    mean_draft_cap: float  # the longest draft allowed, averaged over large passes (N under the fixed policy)
+    mean_fallback_threshold: float  # alpha_FB in force, averaged over large passes (alpha_FB under the fixed policy)
     small_time_s: float  # time inside the small model's forward passes
     large_time_s: float  # time inside the large model's forward passes
     wall_time_s: float  # total time of the request, prompt encoding and overhead included

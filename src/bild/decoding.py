@@ -8,6 +8,7 @@ every token before it, so text up to there can be streamed and is never taken ba
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from functools import partial
 from dataclasses import dataclass, field
@@ -19,7 +20,18 @@ from bild.cache import CachedDecoder, Decoder
 from bild.config import BiLDConfig, FinishReason, GenerationResult, GenerationStats
 from bild.cpu import use_cpu_kernels
 from bild.models import LoadedModel, ModelPair
-from bild.policies import find_rollback, ngram_ending_at, repeated_ngrams, should_fall_back
+from bild.policies import (
+    DraftCosts,
+    drafting_gain,
+    find_rollback,
+    next_average,
+    next_draft_cap,
+    next_fallback_threshold,
+    next_probe_interval,
+    ngram_ending_at,
+    repeated_ngrams,
+    should_fall_back,
+)
 from bild.sampling import make_generator, pick, top_probability
 
 logger = logging.getLogger(__name__)
@@ -50,21 +62,53 @@ class _Run:
     rollbacks: int = 0
     output_ngrams: set[tuple[int, ...]] = field(default_factory=set)  # repetition guard: n-grams of the final output
     ngrams_before: int = 0  # ... ending at output positions before this one
+    draft_cap: int = 0  # the longest draft allowed in this round (N under the fixed policy; 0: the large model alone)
+    fallback_threshold: float = 0.0  # alpha_FB in force in this round
+    draft_confidences: list[float] = field(default_factory=list)  # the small model's top-1 prob. of each pending draft
+    cap_sum: float = 0.0  # draft_cap summed over large passes (for the statistics)
+    threshold_sum: float = 0.0  # fallback_threshold summed over large passes
+    policy_passes: int = 0  # large passes counted in the two sums
 
     @property
     def num_new(self) -> int:
         return len(self.tokens) - self.output_start
 
 
+@dataclass
+class _Adaptation:
+    """The adaptive policy's state for one request (BiLDConfig.policy == "adaptive"); the math is in policies.py."""
+
+    round_tokens: float  # running mean of the tokens a drafting round put in the output
+    round_cost: float  # ... and of what the round cost (DraftCosts units)
+    cap: int  # grown after fully accepted drafts, halved after rollbacks
+    fallback_threshold: float
+    probe_interval: int  # large-only passes before the next probe draft
+    rounds: int = 0  # drafting rounds seen
+    passes_alone: int = 0  # large-only passes since drafting was last tried
+    probing: bool = False  # this round is a one-token probe
+
+
 class BiLD:
     """Generate with a model pair. `pair.small` may be None: then only `vanilla` is available."""
 
-    def __init__(self, pair: ModelPair, cpu_kernels: bool = True) -> None:
+    # adaptive policy: memory of the running averages over drafting rounds, the evidence needed before it stops
+    # drafting, the spacing of probes in large-only passes
+    ROUND_MEMORY = 0.8
+    EVIDENCE_ROUNDS = 2  # drafting rounds seen before the policy may stop drafting
+    PROBE_INTERVALS = (4, 64)
+
+    def __init__(self, pair: ModelPair, cpu_kernels: bool = True, costs: DraftCosts | None = None) -> None:
         """cpu_kernels: on a CPU, switch the large model (in place) to :func:`bild.cpu.use_cpu_kernels`: the same
         weights and results up to float rounding, but verification passes over 2-64 tokens run on faster kernels; the
         linear layers keep a packed copy of their weights once they have seen 4+ rows (memory: a second copy of the
-        large model's linear weights). False leaves the model as loaded."""
+        large model's linear weights). False leaves the model as loaded.
+
+        costs: what a small step and a large pass cost, for the adaptive policy. None measures them once, in a short
+        warm-up on the first prompt that uses the policy (then kept: per pair and device, as the engine is). Either way
+        the policy's choices do not depend on the clock during a generation, so a seeded sampled run repeats exactly
+        on the same engine."""
         self.pair = pair
+        self.costs = costs
         if cpu_kernels and pair.large.model.device.type == "cpu":
             use_cpu_kernels(pair.large.model)
         self.tokenizer = pair.large.tokenizer
@@ -143,13 +187,10 @@ class BiLD:
         """
         start = time.perf_counter()
         large_model = self.pair.large
-        if large_model.is_encoder_decoder:
-            start_id = large_model.model.config.decoder_start_token_id
-            run = _Run(tokens=[start_id], output_start=1, checked=1)
-        else:
-            run = _Run(tokens=list(prompt_ids), output_start=len(prompt_ids), checked=len(prompt_ids))
+        tokens = self._start_tokens(prompt_ids)
+        run = _Run(tokens=tokens, output_start=len(tokens), checked=len(tokens))
         generator = make_generator(config.sampling, large_model.model.device)
-        decoders: dict[str, CachedDecoder] = {}
+        decoders: dict[str, Decoder] = {}
         emitted_ids: list[int] = []
         emitted_text = ""
         for _ in steps(run, config, generator, decoders, prompt_ids):
@@ -169,6 +210,12 @@ class BiLD:
         stats = _stats(run, decoders, start)
         result = GenerationResult(token_ids=output, text=text, finish_reason=finish, stats=stats)
         yield StreamChunk(text[len(emitted_text) :], output[len(emitted_ids) :], stats, result=result)
+
+    def _start_tokens(self, prompt_ids: list[int]) -> list[int]:
+        """The decoder sequence before the first new token: the prompt, or the decoder start token (enc-dec)."""
+        if self.pair.large.is_encoder_decoder:
+            return [self.pair.large.model.config.decoder_start_token_id]
+        return list(prompt_ids)
 
     def _finished(self, run: _Run, config: BiLDConfig) -> bool:
         """EOS written, max_new_tokens reached, or the context is full."""
@@ -204,28 +251,125 @@ class BiLD:
         """
         small = self._decoder("small", decoders, prompt_ids)
         large = self._decoder("large", decoders, prompt_ids)
+        adaptation = self._start_adaptation(config, prompt_ids) if config.policy == "adaptive" else None
+        self._plan_round(run, config, adaptation)
         while True:
             finished = self._finished(run, config)
             if finished and run.small_run == 0:
                 return
-            if not finished and run.small_run < config.max_small_steps:
+            dropped = 0
+            if not finished and run.small_run < run.draft_cap:
                 small_logits = small.forward(run.tokens, keep=1)[-1]  # (vocab,)
                 confidence = top_probability(small_logits, config.sampling)
-                if not should_fall_back(confidence, run.small_run, config):
-                    self._draft(run, pick(small_logits, config.sampling, generator))
+                if not should_fall_back(confidence, run.small_run, run.fallback_threshold, run.draft_cap):
+                    self._draft(run, pick(small_logits, config.sampling, generator), confidence)
                     continue
                 run.fallbacks += 1  # the small token is dropped
-            self._verify(run, config, large, small, generator, finished)
+                dropped = 1
+            checked, accepted = run.small_run, self._large_pass(run, config, large, small, generator, finished)
+            if adaptation is not None:
+                self._adapt(run, config, adaptation, checked, accepted, dropped)
+            self._plan_round(run, config, adaptation)
             yield
 
-    def _draft(self, run: _Run, token: int) -> None:
+    def _draft(self, run: _Run, token: int, confidence: float) -> None:
         run.written_by_small.add(len(run.tokens))
         run.tokens.append(token)
+        run.draft_confidences.append(confidence)
         run.small_run += 1
         run.small_drafted += 1
 
-    def _verify(self, run, config, large: CachedDecoder, small: CachedDecoder, generator, finished: bool) -> None:
-        """One non-autoregressive large pass over every token it has not seen; then roll back or append."""
+    # ---- the adaptive policy (BiLDConfig.policy == "adaptive") ---------------------------------------------
+    def _start_adaptation(self, config: BiLDConfig, prompt_ids: list[int]) -> _Adaptation:
+        """The prior: a drafter as good as the large model alone (gain 1), a quarter of N as the first cap, alpha_FB
+        as configured."""
+        if self.costs is None:
+            self.costs = self.measure_costs(prompt_ids, config.max_small_steps)
+        shortest, _ = self.PROBE_INTERVALS
+        return _Adaptation(round_tokens=1.0, round_cost=self.costs.large_base,
+                           cap=max(1, config.max_small_steps // 4),
+                           fallback_threshold=config.fallback_threshold, probe_interval=shortest)
+
+    def _plan_round(self, run: _Run, config: BiLDConfig, adaptation: _Adaptation | None) -> None:
+        """Set the next round's draft cap and alpha_FB."""
+        run.draft_confidences.clear()
+        if adaptation is None:
+            run.draft_cap, run.fallback_threshold = config.max_small_steps, config.fallback_threshold
+            return
+        gain = drafting_gain(adaptation.round_tokens, adaptation.round_cost, self.costs)
+        pays = gain >= 1.0 or adaptation.rounds < self.EVIDENCE_ROUNDS
+        adaptation.probing = not pays and adaptation.passes_alone >= adaptation.probe_interval
+        if adaptation.probing:
+            run.draft_cap = 1
+        else:
+            run.draft_cap = adaptation.cap if pays else 0
+        run.fallback_threshold = adaptation.fallback_threshold
+
+    def _adapt(self, run: _Run, config: BiLDConfig, adaptation: _Adaptation, checked: int, accepted: int,
+               dropped: int) -> None:
+        """Learn from one round: `checked` drafts went to the large model and the first `accepted` of them stayed;
+        `dropped` (0 or 1) small steps ended in a fallback, their token thrown away."""
+        if run.draft_cap == 0:
+            adaptation.passes_alone += 1
+            return
+        memory = self.ROUND_MEMORY
+        tokens, cost = accepted + 1, self.costs.round_time(checked) + dropped * self.costs.small_step
+        adaptation.round_tokens = next_average(adaptation.round_tokens, tokens, memory)
+        adaptation.round_cost = next_average(adaptation.round_cost, cost, memory)
+        adaptation.rounds += 1
+        if adaptation.probing:
+            shortest, longest = self.PROBE_INTERVALS
+            paid = tokens * self.costs.large_base > cost
+            adaptation.probe_interval = next_probe_interval(adaptation.probe_interval, paid, shortest, longest)
+        adaptation.passes_alone = 0
+        adaptation.cap = next_draft_cap(adaptation.cap, checked, accepted, config.max_small_steps)
+        rejected = run.draft_confidences[accepted] if accepted < checked else None
+        adaptation.fallback_threshold = next_fallback_threshold(
+            adaptation.fallback_threshold, config.fallback_threshold, rejected, checked > 0 and accepted == checked
+        )
+
+    def _large_pass(self, run: _Run, config: BiLDConfig, large: Decoder, small: Decoder, generator,
+                    finished: bool) -> int:
+        """_verify, with the round's policy values counted for the statistics."""
+        run.cap_sum += run.draft_cap
+        run.threshold_sum += run.fallback_threshold
+        run.policy_passes += 1
+        return self._verify(run, config, large, small, generator, finished)
+
+    def measure_costs(self, prompt_ids: list[int], longest: int, repeats: int = 5) -> DraftCosts:
+        """Median time of a small step, of a large pass over one token and over ``longest + 1`` tokens, after the
+        prompt's prefill and one untimed round (lazily prepared kernels prepare then). Throwaway caches."""
+        decoders: dict[str, Decoder] = {}
+        small = self._decoder("small", decoders, prompt_ids)
+        large = self._decoder("large", decoders, prompt_ids)
+        tokens = self._start_tokens(prompt_ids)
+        small.forward(tokens, keep=1)
+        large.forward(tokens, keep=1)
+        base, filler = len(tokens), tokens[-1]
+
+        def seconds(decoder: Decoder, width: int) -> float:
+            before = decoder.time_s
+            decoder.forward(tokens[:base] + [filler] * width, keep=width)
+            decoder.crop(base)
+            return decoder.time_s - before
+
+        samples: dict[str, list[float]] = {"small": [], "one": [], "wide": []}
+        for round_index in range(repeats + 1):
+            timed = {"small": seconds(small, 1), "one": seconds(large, 1), "wide": seconds(large, longest + 1)}
+            if round_index:  # the first round is the warm-up
+                for name, value in timed.items():
+                    samples[name].append(value)
+        small_s, one_s, wide_s = (statistics.median(samples[name]) for name in ("small", "one", "wide"))
+        per_token = max(0.0, (wide_s - one_s) / longest) if longest else 0.0
+        costs = DraftCosts(small_step=small_s, large_base=one_s, large_per_token=per_token)
+        logger.info("adaptive policy: measured %s", costs)
+        return costs
+
+    def _verify(self, run, config, large: Decoder, small: Decoder, generator, finished: bool) -> int:
+        """One non-autoregressive large pass over every token it has not seen; then roll back or append.
+
+        Returns how many of the drafts since the last pass the large model accepted (all of them, or the rollback's
+        index)."""
         first_draft = len(run.tokens) - run.small_run  # position of the first unchecked small token
         assert large.seen <= first_draft - 1, "the large model must not have seen the drafts it checks"
         # rows: the large model's predictions for each draft token, then for the token after the last one
@@ -237,6 +381,7 @@ class BiLD:
             flags = self._repeats(run, first_draft, config.repeat_ngram)
             strict = torch.tensor(flags, dtype=torch.bool, device=draft_rows.device)
         rollback = find_rollback(draft_rows, drafts, config.rollback_threshold, config.sampling, generator, strict)
+        accepted = run.small_run if rollback is None else rollback.index
         if rollback is not None:
             position = first_draft + rollback.index
             run.discarded += len(run.tokens) - position
@@ -250,7 +395,7 @@ class BiLD:
             run.tokens.append(pick(large_logits[-1], config.sampling, generator))
         run.small_run = 0
         run.checked = len(run.tokens)
-
+        return accepted
 
     @staticmethod
     def _repeats(run: _Run, first_draft: int, n: int) -> list[bool]:
@@ -264,7 +409,7 @@ class BiLD:
         return repeated_ngrams(output, first, n, run.output_ngrams)
 
 
-def _stats(run: _Run, decoders: dict[str, CachedDecoder], start: float) -> GenerationStats:
+def _stats(run: _Run, decoders: dict[str, Decoder], start: float) -> GenerationStats:
     """The statistics of a run so far (called where every output token is final)."""
     small, large = decoders.get("small"), decoders.get("large")
     new_tokens = run.num_new
@@ -277,6 +422,9 @@ def _stats(run: _Run, decoders: dict[str, CachedDecoder], start: float) -> Gener
         large_passes=large.calls if large else 0,
         fallbacks=run.fallbacks,
         rollbacks=run.rollbacks,
+        small_steps=small.calls if small else 0,
+        mean_draft_cap=run.cap_sum / run.policy_passes if run.policy_passes else 0.0,
+        mean_fallback_threshold=run.threshold_sum / run.policy_passes if run.policy_passes else 0.0,
         small_time_s=small.time_s if small else 0.0,
         large_time_s=large.time_s if large else 0.0,
         wall_time_s=time.perf_counter() - start,

@@ -1,4 +1,10 @@
-"""The two BiLD policies as pure functions: they read tensors and return decisions; the loop owns all state."""
+"""The BiLD policies as pure functions: they read tensors and numbers and return decisions; the loop owns all state.
+
+- fallback (:func:`should_fall_back`) and rollback (:func:`find_rollback`): Algorithm 1 of the paper;
+- the repetition guard (:func:`repeated_ngrams`): not in the paper, see BiLDConfig.repeat_ngram;
+- adaptive drafting (:func:`drafting_gain` and the ``next_*`` updates): not in the paper, see BiLDConfig.policy.
+  They change only when the large model runs, never what it accepts, so alpha_RB = 0 stays exact.
+"""
 
 from __future__ import annotations
 
@@ -7,17 +13,17 @@ from dataclasses import dataclass
 
 import torch
 
-from bild.config import BiLDConfig, SamplingConfig
+from bild.config import SamplingConfig
 from bild.sampling import pick
 
 
-def should_fall_back(small_confidence: float, small_run: int, config: BiLDConfig) -> bool:
+def should_fall_back(small_confidence: float, small_run: int, fallback_threshold: float, max_small_steps: int) -> bool:
     """Fallback policy: hand over to the large model when the small model is unsure or has written N tokens in a row.
 
     alpha_FB = 1 always falls back, even when a float32 top-1 probability rounds to exactly 1.0.
     """
-    unsure = small_confidence < config.fallback_threshold or config.fallback_threshold >= 1.0
-    return unsure or small_run >= config.max_small_steps
+    unsure = small_confidence < fallback_threshold or fallback_threshold >= 1.0
+    return unsure or small_run >= max_small_steps
 
 
 @dataclass(frozen=True)
@@ -91,3 +97,63 @@ def repeated_ngrams(output: Sequence[Hashable], first: int, n: int, earlier: set
         flags[position - first] = gram in earlier or gram in later
         later.add(gram)
     return flags
+
+
+# ---------------------------------------------------------------------------------------------- adaptive drafting
+
+
+@dataclass(frozen=True)
+class DraftCosts:
+    """Seconds per model call, as the loop measures them (or as a caller fixes them)."""
+
+    small_step: float  # one single-token step of the small model
+    large_base: float  # a large pass over one token
+    large_per_token: float  # what each further token adds to a large pass
+
+    def round_time(self, draft_length: int) -> float:
+        """One round: ``draft_length`` small steps, then one large pass over the drafts and one more position."""
+        return draft_length * (self.small_step + self.large_per_token) + self.large_base
+
+
+def next_average(average: float, value: float, memory: float) -> float:
+    """An exponential running average: ``memory`` of the old value, the rest of the new one."""
+    return memory * average + (1.0 - memory) * value
+
+
+def drafting_gain(round_tokens: float, round_cost: float, costs: DraftCosts) -> float:
+    """How many times faster drafting rounds write than the large model alone: tokens per cost of the rounds, over
+    one token per large pass. Below 1, drafting does not pay."""
+    return round_tokens * costs.large_base / round_cost
+
+
+def next_draft_cap(cap: int, checked: int, accepted: int, longest: int) -> int:
+    """The cap on the next draft: doubled after a draft the large model accepted whole, halved after a rollback.
+
+    Doubling up and halving down (within [1, longest]): a run of good drafts reaches N in a few rounds, one bad draft
+    costs at most half the cap's work in the next round.
+    """
+    if checked and accepted == checked:
+        return min(longest, cap * 2)
+    if accepted < checked:
+        return max(1, cap // 2)
+    return cap
+
+
+def next_fallback_threshold(threshold: float, floor: float, rejected_confidence: float | None,
+                            all_accepted: bool, step: float = 0.02, ceiling: float = 0.95) -> float:
+    """alpha_FB one ``step`` higher after a rejected draft the small model was at least that confident about (at most
+    ``ceiling``), one step lower after a draft accepted whole (never below the configured ``floor``).
+
+    rejected_confidence: the small model's top-1 probability for the rejected draft; None when none was rejected.
+    """
+    if rejected_confidence is not None and rejected_confidence >= threshold:
+        return min(ceiling, max(threshold, threshold + step))
+    if all_accepted:
+        return max(floor, threshold - step)
+    return threshold
+
+
+def next_probe_interval(interval: int, probe_accepted: bool, shortest: int, longest: int) -> int:
+    """How many large-only passes to wait before drafting again when drafting does not pay: doubled after a probe
+    that was rejected, reset after one that was accepted."""
+    return shortest if probe_accepted else min(longest, interval * 2)

@@ -33,6 +33,9 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat-ngram", type=int, default=defaults.repeat_ngram, metavar="N",
                         help="repetition guard (not in the paper): a small token that repeats a token N-gram of the "
                              "output is checked as if alpha_RB were 0; 0 = off (default: %(default)s)")
+    parser.add_argument("--policy", choices=["adaptive", "fixed"], default=defaults.policy,
+                        help="adaptive: learn per request how long to draft, stop drafting where it does not pay; "
+                             "fixed: Algorithm 1 as published (default: %(default)s)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
@@ -48,6 +51,7 @@ def config_from_args(args: argparse.Namespace) -> BiLDConfig:
             max_small_steps=args.max_small_steps,
             max_new_tokens=args.max_new_tokens,
             repeat_ngram=args.repeat_ngram,
+            policy=args.policy,
             sampling=sampling,
         )
     except ValueError as error:

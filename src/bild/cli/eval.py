@@ -53,6 +53,9 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     bild.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
     bild.add_argument("--repeat-ngram", type=int, default=BiLDConfig().repeat_ngram, metavar="N",
                       help="repetition guard of the BiLD methods (not in the paper); 0 = off (default: %(default)s)")
+    bild.add_argument("--policy", choices=["adaptive", "fixed"], default=BiLDConfig().policy,
+                      help="drafting policy of the bild methods; bild-fixed and bild-lossless-fixed always use fixed "
+                           "(default: %(default)s)")
     output = parser.add_argument_group("output")
     output.add_argument("--json-out", type=Path, help="write the summary JSON here")
     output.add_argument("--out-dir", type=Path, help="write per-example rows to OUT_DIR/examples.jsonl as they finish")
@@ -126,7 +129,7 @@ def _load_inputs(args: argparse.Namespace, config_overrides: dict):
 
     set_threads(args.threads)
     config = BiLDConfig(max_small_steps=args.max_small_steps, max_new_tokens=args.max_new_tokens,
-                        repeat_ngram=args.repeat_ngram, **config_overrides)
+                        repeat_ngram=args.repeat_ngram, policy=args.policy, **config_overrides)
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     template = args.prompt_template.replace("\\n", "\n") if args.prompt_template else None  # a typed \n is a newline
@@ -192,27 +195,38 @@ def _kept_if_unwritable(summary: dict):
 
 def format_table(summary: dict) -> str:
     """The summary as an aligned text table, one row per method."""
-    columns = [
-        ("method", None), ("ROUGE-L", "rougeL"), ("BLEU", "bleu"), ("rep-4", "rep4"), ("time s", "time_s"),
-        ("speedup", "speedup"), ("tok/s", "tokens_per_s"), ("exact", "exact_match"), ("fallback", "fallback_rate"),
-        ("rollback", "rollback_rate"), ("tok/large pass", "tokens_per_large_pass"),
-    ]
-    rows = [[title for title, _ in columns]]
-    for name, values in summary["methods"].items():
-        rows.append([name] + [_cell(key, values.get(key)) for _, key in columns[1:]])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = [f"{summary['dataset']}: n={summary['n']}, large={summary['large']}, small={summary['small']}"]
+    lines += _method_rows(summary["methods"])
+    for kind, methods in summary.get("kinds", {}).items():
+        lines += ["", f"kind {kind}:"] + _method_rows(methods)
+    return "\n".join(lines)
+
+
+_COLUMNS = [
+    ("method", None), ("ROUGE-L", "rougeL"), ("BLEU", "bleu"), ("vs large", "rougeL_vs_large"), ("rep-4", "rep4"),
+    ("time s", "time_s"), ("speedup", "speedup"), ("tok/s ratio", "throughput_ratio"), ("exact", "exact_match"),
+    ("fallback", "fallback_rate"), ("rollback", "rollback_rate"), ("tok/large pass", "tokens_per_large_pass"),
+]
+
+
+def _method_rows(methods: dict) -> list[str]:
+    """One aligned row per method (speedup = latency ratio over vanilla; tok/s ratio = throughput ratio)."""
+    rows = [[title for title, _ in _COLUMNS]]
+    for name, values in methods.items():
+        rows.append([name] + [_cell(key, values.get(key)) for _, key in _COLUMNS[1:]])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    lines = []
     for index, row in enumerate(rows):
         lines.append("  ".join(cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i]) for i, cell in enumerate(row)))
         if index == 0:
             lines.append("  ".join("-" * width for width in widths))
-    return "\n".join(lines)
+    return lines
 
 
 def _cell(key: str, value) -> str:
     if value is None:
         return "-"
-    if key == "speedup":
+    if key in ("speedup", "throughput_ratio"):
         return f"{value:.2f}x"
     if key in ("exact_match", "fallback_rate", "rollback_rate"):
         return f"{value:.2f}"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
-from bild.eval import docsum, mansum
+from bild.eval import docsum, mansum, mixed
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class Example:
     id: str
     source: str
     reference: str
+    kind: str = ""  # a tag `bild eval` reports separately (the mixed set's kinds); "" for untagged data
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,9 @@ HUB_DATASETS: dict[str, HubDataset] = {
 BUILTIN_DATASETS: dict[str, Callable[[], Path]] = {  # name -> its file (mansum is built on first use)
     "docsum": lambda: docsum.DEFAULT_PATH,
     "mansum": mansum.ensure_built,
+    "mixed": mixed.ensure_built,
 }
+BUILTIN_TEMPLATES: dict[str, str] = {"mixed": "{source}"}  # the mixed set's sources are whole prompts
 
 
 def dataset_names() -> list[str]:
@@ -89,9 +92,10 @@ def load_dataset(
     if name_or_path in BUILTIN_DATASETS:
         try:
             examples = read_file(BUILTIN_DATASETS[name_or_path]())
-        except mansum.ManPagesMissing as error:
+        except (mansum.ManPagesMissing, mixed.MixedSourcesMissing) as error:
             raise DatasetError(str(error)) from None
-        default_template, default_metric = SUMMARIZE_ONE_SENTENCE, "rougeL"
+        default_template = BUILTIN_TEMPLATES.get(name_or_path, SUMMARIZE_ONE_SENTENCE)
+        default_metric = "rougeL"
     elif name_or_path in HUB_DATASETS:
         spec = HUB_DATASETS[name_or_path]
         examples = _read_hub(name_or_path, spec, limit)
@@ -137,7 +141,10 @@ def _example(path: Path, line: int, row: object, default_id: str) -> Example:
             raise DataFormatError(f"{path}:{line}: field {key!r} must be a string, got {type(row[key]).__name__}")
     if not row["source"].strip():
         raise DataFormatError(f"{path}:{line}: field 'source' is empty")
-    return Example(id=str(row.get("id") or default_id), source=row["source"], reference=row["reference"])
+    kind = row.get("kind") or ""
+    if not isinstance(kind, str):
+        raise DataFormatError(f"{path}:{line}: field 'kind' must be a string, got {type(kind).__name__}")
+    return Example(id=str(row.get("id") or default_id), source=row["source"], reference=row["reference"], kind=kind)
 
 
 def _read_jsonl(path: Path) -> list[Example]:

@@ -18,7 +18,7 @@ from typing import Callable
 from bild.config import BiLDConfig
 from bild.decoding import BiLD
 from bild.eval import metrics
-from bild.eval.datasets import EvalDataset
+from bild.eval.datasets import EvalDataset, Example
 from bild.eval.methods import Method, MethodContext, MethodOutput, Request, build_method
 from bild.models import ModelPair
 
@@ -41,6 +41,7 @@ class ExampleRecord:
     new_tokens: int
     exact_match: bool  # equal to the baseline's output tokens
     stats: dict | None  # GenerationStats.as_dict() for bild-engine methods
+    kind: str = ""  # the example's tag ("" when untagged)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class MethodSummary:
     large_time_s: float | None  # inside the large model's forward passes
     overhead_s: float | None  # everything else: policies, sampling, cache crops, Python
     rep4: float | None = None  # seq-rep-4 of the outputs (bild.eval.metrics.repetition): 0 = no repeated 4-gram
+    throughput_ratio: float = 0.0  # tokens/s over the baseline's tokens/s (lossy methods may write more or fewer)
+    rougeL_vs_large: float | None = None  # ROUGE-L against the baseline's own outputs: how far a method strays
 
 
 @dataclass
@@ -75,6 +78,7 @@ class EvalResult:
     config: BiLDConfig
     interrupted: bool = False
     summaries: dict[str, MethodSummary] = field(default_factory=dict)
+    kind_summaries: dict[str, dict[str, MethodSummary]] = field(default_factory=dict)  # kind -> method -> summary
 
     @property
     def n(self) -> int:
@@ -88,6 +92,8 @@ class EvalResult:
             "large": self.large,
             "small": self.small,
             "methods": {name: asdict(summary) for name, summary in self.summaries.items()},
+            "kinds": {kind: {name: asdict(summary) for name, summary in by_method.items()}
+                      for kind, by_method in self.kind_summaries.items()},
             "config": {**asdict(self.config), "rollback_threshold": _json_number(self.config.rollback_threshold)},
             "interrupted": self.interrupted,
         }
@@ -146,7 +152,7 @@ def run_methods(
             outputs = {name: methods[name](request) for name in order}
             baseline_ids = outputs[BASELINE].token_ids
             for name in names:
-                record = _record(index, example.id, name, example.reference, outputs[name], baseline_ids)
+                record = _record(index, example, name, outputs[name], baseline_ids)
                 result.records[name].append(record)
                 if rows is not None:
                     rows.write(json.dumps(asdict(record), ensure_ascii=False) + "\n")
@@ -161,7 +167,16 @@ def run_methods(
         if rows is not None:
             rows.close()
     result.summaries = {name: summarize(result.records[name], result.records[BASELINE]) for name in names}
+    kinds = sorted({record.kind for record in result.records[BASELINE]})
+    if len(kinds) > 1:
+        result.kind_summaries = {kind: _kind_summaries(result, names, kind) for kind in kinds}
     return result
+
+
+def _kind_summaries(result: EvalResult, names: list[str], kind: str) -> dict[str, MethodSummary]:
+    baseline = [record for record in result.records[BASELINE] if record.kind == kind]
+    return {name: summarize([record for record in result.records[name] if record.kind == kind], baseline)
+            for name in names}
 
 
 def _request(engine: BiLD, prompt: str, chat: bool) -> Request:
@@ -175,13 +190,14 @@ def _open_rows(out_dir: Path | None):
     return (out_dir / "examples.jsonl").open("w", encoding="utf-8")
 
 
-def _record(index: int, example_id: str, name: str, reference: str, output: MethodOutput, baseline_ids: list[int]) -> ExampleRecord:
+def _record(index: int, example: Example, name: str, output: MethodOutput, baseline_ids: list[int]) -> ExampleRecord:
     return ExampleRecord(
         index=index,
-        id=example_id,
+        id=example.id,
+        kind=example.kind,
         method=name,
         output=output.text,
-        reference=reference,
+        reference=example.reference,
         time_s=output.time_s,
         new_tokens=len(output.token_ids),
         exact_match=output.token_ids == baseline_ids,
@@ -206,6 +222,10 @@ def summarize(records: list[ExampleRecord], baseline: list[ExampleRecord]) -> Me
     total_time = sum(record.time_s for record in records)
     baseline_time = sum(record.time_s for record in baseline[:n])
     new_tokens = sum(record.new_tokens for record in records)
+    baseline_tokens = sum(record.new_tokens for record in baseline[:n])
+    tokens_per_s = new_tokens / total_time if total_time > 0 else 0.0
+    baseline_tokens_per_s = baseline_tokens / baseline_time if baseline_time > 0 else 0.0
+    has_references = any(reference.strip() for reference in references)
     stats = [record.stats for record in records if record.stats is not None]
     has_stats = n > 0 and len(stats) == n
 
@@ -214,11 +234,11 @@ def summarize(records: list[ExampleRecord], baseline: list[ExampleRecord]) -> Me
 
     large_passes = int(stat_sum("large_passes")) if has_stats else None
     return MethodSummary(
-        rougeL=metrics.rouge_l(predictions, references),
-        bleu=metrics.bleu(predictions, references),
+        rougeL=metrics.rouge_l(predictions, references) if has_references else None,
+        bleu=metrics.bleu(predictions, references) if has_references else None,
         time_s=total_time,
         speedup=baseline_time / total_time if total_time > 0 else 0.0,
-        tokens_per_s=new_tokens / total_time if total_time > 0 else 0.0,
+        tokens_per_s=tokens_per_s,
         exact_match=sum(record.exact_match for record in records) / n if n else 0.0,
         fallback_rate=stat_sum("fallbacks") / new_tokens if has_stats and new_tokens else None,
         rollback_rate=stat_sum("rollbacks") / new_tokens if has_stats and new_tokens else None,
@@ -226,11 +246,13 @@ def summarize(records: list[ExampleRecord], baseline: list[ExampleRecord]) -> Me
         new_tokens=new_tokens,
         mean_time_s=total_time / n if n else 0.0,
         large_passes=large_passes,
-        small_steps=int(stat_sum("small_tokens_drafted") + stat_sum("fallbacks")) if has_stats else None,
+        small_steps=int(stat_sum("small_steps")) if has_stats else None,
         small_time_s=stat_sum("small_time_s") if has_stats else None,
         large_time_s=stat_sum("large_time_s") if has_stats else None,
         overhead_s=total_time - stat_sum("small_time_s") - stat_sum("large_time_s") if has_stats else None,
         rep4=metrics.repetition(predictions),
+        throughput_ratio=tokens_per_s / baseline_tokens_per_s if baseline_tokens_per_s > 0 else 0.0,
+        rougeL_vs_large=metrics.rouge_l(predictions, [record.output for record in baseline[:n]]),
     )
 
 

@@ -153,21 +153,32 @@ def _bild_lossless(context: MethodContext) -> Method:
     return bild_method(context, rollback_threshold=0.0)
 
 
+@register_method("bild-fixed", needs_small=True, description="BiLD with the given thresholds, Algorithm 1 as published (policy fixed)")
+def _bild_fixed(context: MethodContext) -> Method:
+    return bild_method(context, policy="fixed")
+
+
+@register_method("bild-lossless-fixed", needs_small=True, description="bild-lossless under the fixed policy")
+def _bild_lossless_fixed(context: MethodContext) -> Method:
+    return bild_method(context, rollback_threshold=0.0, policy="fixed")
+
+
 @register_method("speculative", needs_small=True, description="fixed draft window, exact-match verification (paper Table 3)")
 def _speculative(context: MethodContext) -> Method:
     # Fallback threshold 0 never fires, so the small model drafts exactly `draft_window` tokens before each large
     # pass; rollback threshold 0 replaces the first token the large model disagrees with: greedy speculative decoding.
-    return bild_method(context, fallback_threshold=0.0, rollback_threshold=0.0, max_small_steps=context.draft_window)
+    return bild_method(context, fallback_threshold=0.0, rollback_threshold=0.0, max_small_steps=context.draft_window,
+                       policy="fixed")
 
 
-@register_method("bild-no-rollback", needs_small=True, description="ablation: rollback threshold infinity, no repetition guard")
+@register_method("bild-no-rollback", needs_small=True, description="ablation of Algorithm 1: rollback threshold infinity, no repetition guard")
 def _bild_no_rollback(context: MethodContext) -> Method:
-    return bild_method(context, rollback_threshold=math.inf, repeat_ngram=0)
+    return bild_method(context, rollback_threshold=math.inf, repeat_ngram=0, policy="fixed")
 
 
-@register_method("bild-no-fallback", needs_small=True, description="ablation: N small steps, then one large pass")
+@register_method("bild-no-fallback", needs_small=True, description="ablation of Algorithm 1: N small steps, then one large pass")
 def _bild_no_fallback(context: MethodContext) -> Method:
-    return bild_method(context, fallback_threshold=0.0)
+    return bild_method(context, fallback_threshold=0.0, policy="fixed")
 
 
 @register_method("bild-early-exit", needs_small=False, description="BiLD drafting with the large model's own first layers (--small early-exit:K, else smollm2-early-exit)")

@@ -360,6 +360,7 @@ def _request_config(server: _Server, params: GenerationParams, prompt_tokens: in
             rollback_threshold=pick(params.rollback_threshold, defaults.rollback_threshold),
             max_small_steps=pick(params.max_small_steps, defaults.max_small_steps),
             repeat_ngram=pick(params.repeat_ngram, defaults.repeat_ngram),
+            policy=pick(params.policy, defaults.policy),
             max_new_tokens=max_new_tokens,
             sampling=sampling,
         )
@@ -404,6 +405,7 @@ class _Answer:
             "rollback_threshold": _finite_or_str(self.config.rollback_threshold),
             "max_small_steps": self.config.max_small_steps,
             "repeat_ngram": self.config.repeat_ngram,
+            "policy": self.config.policy,
             "max_new_tokens": self.config.max_new_tokens,
             "temperature": self.config.sampling.temperature,
             "top_p": self.config.sampling.top_p,

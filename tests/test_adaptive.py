@@ -1,0 +1,121 @@
+"""The adaptive drafting policy: its pure functions, and bounds on whole runs that hold without a clock (the costs
+are fixed by conftest's TEST_COSTS, so every choice the policy makes is a function of what the large model accepts)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bild.config import BiLDConfig
+from bild.decoding import BiLD
+from bild.models import ModelPair
+from bild.policies import (
+    DraftCosts,
+    drafting_gain,
+    next_average,
+    next_draft_cap,
+    next_fallback_threshold,
+    next_probe_interval,
+)
+
+from conftest import loaded, make_pair, prompt_ids, tiny_llama, tiny_tokenizer
+
+COSTS = DraftCosts(small_step=0.1, large_base=1.0, large_per_token=0.02)
+
+
+# ---- pure functions ------------------------------------------------------------------------------------------
+
+def test_round_time():
+    assert COSTS.round_time(0) == 1.0 and COSTS.round_time(3) == pytest.approx(1.0 + 3 * 0.12)
+
+
+def test_draft_cap_doubles_when_filled_and_halves_after_a_rollback():
+    assert next_draft_cap(2, checked=2, accepted=2, longest=10) == 4
+    assert next_draft_cap(8, checked=8, accepted=8, longest=10) == 10
+    assert next_draft_cap(8, checked=3, accepted=3, longest=10) == 10  # accepted whole, though a fallback ended it
+    assert next_draft_cap(4, checked=0, accepted=0, longest=10) == 4  # nothing drafted: nothing learnt
+    assert next_draft_cap(8, checked=5, accepted=2, longest=10) == 4
+    assert next_draft_cap(1, checked=1, accepted=0, longest=10) == 1
+
+
+def test_fallback_threshold_rises_after_confident_rejections_and_returns_to_its_floor():
+    assert next_fallback_threshold(0.6, floor=0.6, rejected_confidence=0.9, all_accepted=False) == pytest.approx(0.62)
+    assert next_fallback_threshold(0.6, floor=0.6, rejected_confidence=0.3, all_accepted=False) == 0.6  # was unsure
+    assert next_fallback_threshold(0.8, floor=0.6, rejected_confidence=None, all_accepted=True) == pytest.approx(0.78)
+    assert next_fallback_threshold(0.61, floor=0.6, rejected_confidence=None, all_accepted=True) == 0.6
+    assert next_fallback_threshold(0.95, floor=0.6, rejected_confidence=0.99, all_accepted=False) == 0.95
+
+
+def test_drafting_gain_compares_rounds_with_the_large_model_alone():
+    assert drafting_gain(1.0, COSTS.large_base, COSTS) == 1.0  # one token per large pass: the same as alone
+    assert drafting_gain(4.0, COSTS.round_time(3), COSTS) == pytest.approx(4 / 1.36)
+    assert drafting_gain(1.0, COSTS.round_time(3), COSTS) < 1.0  # every draft rejected: slower than alone
+    assert next_average(1.0, 3.0, memory=0.75) == 1.5
+
+
+def test_probe_interval_backs_off_and_resets():
+    assert next_probe_interval(8, probe_accepted=False, shortest=8, longest=64) == 16
+    assert next_probe_interval(64, probe_accepted=False, shortest=8, longest=64) == 64
+    assert next_probe_interval(32, probe_accepted=True, shortest=8, longest=64) == 8
+
+
+def test_policy_is_validated():
+    with pytest.raises(ValueError, match="policy"):
+        BiLDConfig(policy="sometimes")
+
+
+# ---- bounds on whole runs ------------------------------------------------------------------------------------
+
+def random_small_pair() -> ModelPair:
+    """A large model and an unrelated small one (other seed, other layer count): it almost never agrees."""
+    tokenizer = tiny_tokenizer(with_eos=False)
+    large = tiny_llama(seed=1, layers=3, eos=None)
+    small = tiny_llama(seed=99, layers=1, eos=None)
+    return ModelPair(large=loaded("large", large, tokenizer), small=loaded("small", small, tokenizer))
+
+
+def wasted_small_steps(stats) -> int:
+    """Small-model calls that put no token in the output (rejected drafts, dropped fallback steps, probes)."""
+    return stats.small_steps - stats.small_tokens_kept
+
+
+@pytest.mark.parametrize("rollback_threshold", [0.0, 5.0])
+def test_a_small_model_that_never_agrees_is_soon_left_out(rollback_threshold):
+    engine = BiLD(random_small_pair())
+    config = BiLDConfig(fallback_threshold=0.0, rollback_threshold=rollback_threshold, max_new_tokens=200)
+    for seed in range(3):
+        ids = prompt_ids(seed, 8)
+        adaptive = engine.generate_ids(ids, config).stats
+        fixed = engine.generate_ids(ids, BiLDConfig(**{**config.__dict__, "policy": "fixed"})).stats
+        assert adaptive.new_tokens == 200
+        assert adaptive.tokens_per_large_pass <= 1.1, adaptive
+        assert wasted_small_steps(adaptive) < 0.1 * adaptive.new_tokens, adaptive
+        assert adaptive.mean_draft_cap < 0.5
+        # the same pair under Algorithm 1 wastes a draft run on nearly every token: what the policy saves
+        assert wasted_small_steps(fixed) > 2 * adaptive.new_tokens, fixed
+
+
+def test_a_small_model_equal_to_the_large_one_drafts_long_runs():
+    engine = BiLD(make_pair("llama", same=True))
+    for seed in range(3):
+        stats = engine.generate_ids(prompt_ids(seed, 6), BiLDConfig(fallback_threshold=0.0, max_new_tokens=120)).stats
+        assert stats.rollbacks == 0 and stats.tokens_discarded == 0
+        assert stats.tokens_per_large_pass >= 7.0, stats  # N = 10: the cap grows 2 -> 4 -> 8 -> 10 and stays
+        assert stats.mean_draft_cap >= 7.0, stats
+
+
+def test_a_confident_wrong_draft_raises_the_fallback_threshold():
+    pair = make_pair("llama", noise=0.6)  # agrees part of the time, often confidently wrong
+    engine = BiLD(pair)
+    config = BiLDConfig(fallback_threshold=0.1, rollback_threshold=0.0, max_new_tokens=80)
+    stats = [engine.generate_ids(prompt_ids(seed, 6), config).stats for seed in range(4)]
+    assert any(s.rollbacks for s in stats)
+    assert max(s.mean_fallback_threshold for s in stats) > 0.1 + 1e-6
+    assert all(s.mean_fallback_threshold >= 0.1 for s in stats)  # never below the configured alpha_FB
+
+
+def test_fixed_policy_reports_its_settings():
+    engine = BiLD(make_pair("llama"))
+    config = BiLDConfig(fallback_threshold=0.4, max_small_steps=6, max_new_tokens=30, policy="fixed")
+    stats = engine.generate_ids(prompt_ids(0, 6), config).stats
+    assert stats.mean_draft_cap == 6 and stats.mean_fallback_threshold == pytest.approx(0.4)
+    assert stats.small_steps == stats.small_tokens_drafted + stats.fallbacks
