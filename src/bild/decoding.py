@@ -3,6 +3,10 @@
 Sequence bookkeeping: `tokens` is the decoder sequence (decoder-only: prompt + output; encoder-decoder:
 [decoder start] + output). `checked` is how many of them are final: the large model has seen and accepted
 every token before it, so text up to there can be streamed and is never taken back.
+
+Devices: each model keeps the device(s) and dtype it was loaded with. Input ids go to the device of the model that
+reads them (cache.py); logits come back as float32 on the device of the model that wrote them, and every tensor the
+loop makes from logits (draft ids, flags, sampling generators) is made on that same device.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from typing import Iterator
 import torch
 
 from bild.cache import CachedDecoder, Decoder
-from bild.config import BiLDConfig, FinishReason, GenerationResult, GenerationStats
+from bild.config import BiLDConfig, FinishReason, GenerationResult, GenerationStats, SamplingConfig
 from bild.cpu import use_cpu_kernels
+from bild.devices import input_device, model_devices
 from bild.models import LoadedModel, ModelPair
 from bild.policies import find_rollback, ngram_ending_at, repeated_ngrams, should_fall_back
 from bild.sampling import make_generator, pick, top_probability
@@ -65,8 +70,8 @@ class BiLD:
         linear layers keep a packed copy of their weights once they have seen 4+ rows (memory: a second copy of the
         large model's linear weights). False leaves the model as loaded."""
         self.pair = pair
-        if cpu_kernels and pair.large.model.device.type == "cpu":
-            use_cpu_kernels(pair.large.model)
+        if cpu_kernels and {device.type for device in model_devices(pair.large.model)} == {"cpu"}:
+            use_cpu_kernels(pair.large.model)  # fp32 layers only: other dtypes keep PyTorch's kernels (bild.cpu)
         self.tokenizer = pair.large.tokenizer
         self.eos_ids = frozenset(pair.large.eos_token_ids)
         self.max_context = _context_length(pair.large)
@@ -148,11 +153,11 @@ class BiLD:
             run = _Run(tokens=[start_id], output_start=1, checked=1)
         else:
             run = _Run(tokens=list(prompt_ids), output_start=len(prompt_ids), checked=len(prompt_ids))
-        generator = make_generator(config.sampling, large_model.model.device)
+        generators = _Generators(config.sampling)
         decoders: dict[str, CachedDecoder] = {}
         emitted_ids: list[int] = []
         emitted_text = ""
-        for _ in steps(run, config, generator, decoders, prompt_ids):
+        for _ in steps(run, config, generators, decoders, prompt_ids):
             if not chunks:
                 continue
             final_ids = run.tokens[run.output_start : run.checked]
@@ -181,23 +186,24 @@ class BiLD:
         """The cached decoder of 'small' or 'large', created (and its encoder run) on first use."""
         if role not in decoders:
             loaded: LoadedModel = getattr(self.pair, role)
-            encoder_ids = torch.tensor([prompt_ids]) if loaded.is_encoder_decoder else None
+            encoder_ids = (torch.tensor([prompt_ids], device=input_device(loaded.model))  # (1, source_len)
+                           if loaded.is_encoder_decoder else None)
             if role == "small" and loaded.make_decoders is not None:  # early exit: both sides share one cache
                 decoders["small"], decoders["large"] = loaded.make_decoders(self.pair.large, encoder_ids)
             else:
                 decoders[role] = CachedDecoder(loaded.model, encoder_ids)
         return decoders[role]
 
-    def _single_steps(self, role, run, config, generator, decoders, prompt_ids) -> Iterator[None]:
+    def _single_steps(self, role, run, config, generators, decoders, prompt_ids) -> Iterator[None]:
         """Plain autoregressive decoding with one model: one forward pass per token."""
         decoder = self._decoder(role, decoders, prompt_ids)
         while not self._finished(run, config):
             logits = decoder.forward(run.tokens, keep=1)[-1]  # (vocab,)
-            run.tokens.append(pick(logits, config.sampling, generator))
+            run.tokens.append(pick(logits, config.sampling, generators.on(logits.device)))
             run.checked = len(run.tokens)
             yield
 
-    def _bild_steps(self, run, config, generator, decoders, prompt_ids) -> Iterator[None]:
+    def _bild_steps(self, run, config, generators, decoders, prompt_ids) -> Iterator[None]:
         """Algorithm 1: small model drafts while confident; the large model checks, rolls back, writes a token.
 
         Yields after every large pass (when the final prefix `tokens[:checked]` may have grown).
@@ -212,10 +218,10 @@ class BiLD:
                 small_logits = small.forward(run.tokens, keep=1)[-1]  # (vocab,)
                 confidence = top_probability(small_logits, config.sampling)
                 if not should_fall_back(confidence, run.small_run, config):
-                    self._draft(run, pick(small_logits, config.sampling, generator))
+                    self._draft(run, pick(small_logits, config.sampling, generators.on(small_logits.device)))
                     continue
                 run.fallbacks += 1  # the small token is dropped
-            self._verify(run, config, large, small, generator, finished)
+            self._verify(run, config, large, small, generators, finished)
             yield
 
     def _draft(self, run: _Run, token: int) -> None:
@@ -224,7 +230,7 @@ class BiLD:
         run.small_run += 1
         run.small_drafted += 1
 
-    def _verify(self, run, config, large: CachedDecoder, small: CachedDecoder, generator, finished: bool) -> None:
+    def _verify(self, run, config, large: Decoder, small: Decoder, generators: _Generators, finished: bool) -> None:
         """One non-autoregressive large pass over every token it has not seen; then roll back or append."""
         first_draft = len(run.tokens) - run.small_run  # position of the first unchecked small token
         assert large.seen <= first_draft - 1, "the large model must not have seen the drafts it checks"
@@ -236,6 +242,7 @@ class BiLD:
         if config.repeat_ngram:  # drafts that repeat an n-gram of the output are checked as if alpha_RB were 0
             flags = self._repeats(run, first_draft, config.repeat_ngram)
             strict = torch.tensor(flags, dtype=torch.bool, device=draft_rows.device)
+        generator = generators.on(large_logits.device)
         rollback = find_rollback(draft_rows, drafts, config.rollback_threshold, config.sampling, generator, strict)
         if rollback is not None:
             position = first_draft + rollback.index
@@ -262,6 +269,20 @@ class BiLD:
             run.output_ngrams.add(ngram_ending_at(output, position, n))
         run.ngrams_before = max(run.ngrams_before, first)
         return repeated_ngrams(output, first, n, run.output_ngrams)
+
+
+class _Generators:
+    """The sampling generators of one run: one per device that logits come from (a torch.Generator draws on its own
+    device only), each seeded with the run's seed; None when greedy. Both models on one device share one."""
+
+    def __init__(self, sampling: SamplingConfig) -> None:
+        self.sampling = sampling
+        self.by_device: dict[torch.device, torch.Generator | None] = {}
+
+    def on(self, device: torch.device) -> torch.Generator | None:
+        if device not in self.by_device:
+            self.by_device[device] = make_generator(self.sampling, device)
+        return self.by_device[device]
 
 
 def _stats(run: _Run, decoders: dict[str, CachedDecoder], start: float) -> GenerationStats:

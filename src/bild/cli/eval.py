@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bild.cli.common import fail, set_threads
+from bild.cli.common import add_device_arguments, fail, placement_from_args, set_threads
 from bild.config import BiLDConfig
 from bild.models import DEFAULT_LARGE, DEFAULT_SMALL
 
@@ -46,6 +46,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     models = parser.add_argument_group("models")
     models.add_argument("--large", default=DEFAULT_LARGE, help="large model: registered name, directory or hub id (default: %(default)s)")
     models.add_argument("--small", default=DEFAULT_SMALL, help="small model (default: %(default)s)")
+    add_device_arguments(parser)
     bild = parser.add_argument_group("decoding (greedy, as in the paper)")
     bild.add_argument("--max-small-steps", type=int, default=10, help="N (default: %(default)s)")
     bild.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
@@ -137,6 +138,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from bild.eval.methods import method_names, needs_small
     from bild.models import load_pair
 
+    where, small_device = placement_from_args(args)
     try:
         methods = [name.strip() for name in args.methods.split(",") if name.strip()]
         unknown = [name for name in methods if name not in method_names()]
@@ -151,7 +153,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if small is None and any(needs_small(name) for name in methods):
             raise ValueError("these methods need a small model: " + ", ".join(name for name in methods if needs_small(name)))
         print(f"loading {args.large} + {small} ...", file=sys.stderr)
-        pair = load_pair(args.large, small)
+        pair = load_pair(args.large, small, where=where, small_device=small_device)
         callback, bar = _progress(args, len(dataset.examples), f"eval {dataset.name}")
         result = evaluate(
             pair, dataset, methods, config, out_dir=args.out_dir, warmup=args.warmup,
@@ -206,8 +208,9 @@ def _cell(key: str, value) -> str:
 def run_sweep(args: argparse.Namespace) -> int:
     from bild.eval.harness import write_json
     from bild.eval.sweep import default_grid, plot, run_sweep as sweep
-    from bild.models import check_same_vocabulary, load_model
+    from bild.models import check_same_vocabulary, load_model, small_placement
 
+    where, small_device = placement_from_args(args)
     try:
         config, dataset = _load_inputs(args, {})
         fallback_grid, rollback_grid = default_grid(dataset.metric)
@@ -221,10 +224,10 @@ def run_sweep(args: argparse.Namespace) -> int:
             BiLDConfig(rollback_threshold=rollback)
         names = {"aligned": args.small} | ({"unaligned": args.small_unaligned} if args.small_unaligned else {})
         print(f"loading {args.large} + {', '.join(names.values())} ...", file=sys.stderr)
-        large = load_model(args.large)
+        large = load_model(args.large, where=where)
         smalls = {}
         for series, name in names.items():
-            smalls[series] = load_model(name, large=large)
+            smalls[series] = load_model(name, large=large, where=small_placement(large, where, small_device))
             check_same_vocabulary(large, smalls[series])
         points = len(fallback_grid) * len(rollback_grid) * len(smalls)
         callback, bar = _progress(args, len(dataset.examples), f"sweep {points} points")
