@@ -17,14 +17,15 @@ pass over k tokens in units of a one-token step on PyTorch's own kernels: k = 2:
 One-row steps (what vanilla decoding does) and long prompts keep PyTorch's own path; the weights are the same
 tensors and the outputs equal up to float rounding (the attention exactly).
 
-Other dtypes: the linear layers step aside (bfloat16 and float16 keep ``nn.Linear``, whose 16-bit products already
-give each row the same bits whatever the row count). The attention does not step aside but changes for them:
-PyTorch's CPU SDPA kernels (flash, and in float16 also math) give a row of a multi-query block a result that
-differs in the last bits from the same row computed alone, and in 16 bits that flips near-tied argmaxes, so a
-verification pass would not always agree with one-token steps. Plain matmul-softmax-matmul attention (transformers'
-"eager" formula) is row-invariant, so 16-bit attention runs on it for every call: a verification pass then gives
-each position exactly what a one-token step gives, and BiLD at alpha_RB = 0 is exactly the large model alone in
-that dtype (tests/test_devices.py). The cost: a layer's packed copy is made
+bfloat16 and float16 take other kernels, for exactness rather than speed. In 16 bits, PyTorch's CPU kernels give
+a row of a multi-row product (oneDNN's matrix products, the SDPA attention kernels) a result that can differ in the
+last bits from the same row computed alone, and 16 bits are coarse enough for that to flip near-tied argmaxes: a
+verification pass over k tokens would not always agree with k one-token steps, so BiLD at alpha_RB = 0 would not
+always be the large model alone. So for a 16-bit model on a CPU every linear layer and the attention run on
+kernels whose rows do not depend on how many rows are computed together (:class:`RowInvariantLinear`, PyTorch's
+own non-oneDNN products with float32 accumulation; :func:`row_invariant_attention`, transformers' "eager" formula),
+for one-token steps and blocks alike. Then a verification pass gives each position exactly what a one-token step
+gives, and lossless BiLD is exactly the large model alone in that dtype (tests/test_devices.py). The cost: a layer's packed copy is made
 the first time it sees 4-64 rows and holds a second copy of its weight (for SmolLM2-135M about 540 MB in all);
 ``BiLD(pair, cpu_kernels=False)`` keeps the model as loaded.
 """
@@ -33,6 +34,8 @@ from __future__ import annotations
 
 import logging
 import weakref
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +56,18 @@ _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available()
+
+
+@contextmanager
+def without_onednn() -> Iterator[None]:
+    """PyTorch's own CPU kernels instead of oneDNN's for the calls inside (the switch
+    ``torch.backends.mkldnn.flags(enabled=False)`` makes, without its warnings about TF32 on other hardware)."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 class SmallBatchLinear(torch.nn.Linear):
@@ -111,26 +126,52 @@ def cpu_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
 
 def row_invariant_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: torch.Tensor | None, scaling: float | None = None) -> torch.Tensor:
-    """softmax(q k^T * scaling + mask) v with the softmax in float32, as transformers' eager attention computes it:
-    each query row's bits do not depend on how many rows are computed together.
+    """softmax(q k^T * scaling + mask) v, one query row at a time over exactly the keys it may see, with the
+    softmax in float32 (transformers' "eager" formula): each row makes the very calls a one-token step at its
+    position makes, so its bits do not depend on how many rows are computed together.
 
-    query: (batch, heads, q_len, head_dim); key, value: (batch, kv_heads, kv_len, head_dim); attention_mask: sdpa's
-    mask (boolean, True = attend, or additive float; broadcastable to (batch, heads, q_len, kv_len)) or None for a
-    causal block ending at the last key. Returns (batch, q_len, heads, head_dim).
+    query: (batch, heads, q_len, head_dim), the last q_len positions; key, value: (batch, kv_heads, kv_len,
+    head_dim); attention_mask: sdpa's mask (boolean, True = attend, or additive float; broadcastable to (batch,
+    heads, q_len, kv_len)), or None for plain causal attention. Returns (batch, q_len, heads, head_dim).
     """
     groups = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (batch, heads, kv_len, head_dim)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    scores = torch.matmul(query, key.transpose(2, 3)) * scale  # (batch, heads, q_len, kv_len)
-    q_len, kv_len = scores.shape[-2:]
-    if attention_mask is None:  # causal, aligned to the last key (a prefill, or one token after the cache)
-        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
-    if attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, float("-inf"))
-    else:
-        scores = scores + attention_mask[..., :kv_len]
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous()  # (batch, q_len, heads, head_dim)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    rows = []
+    with without_onednn():
+        for row in range(q_len):
+            seen = kv_len - q_len + row + 1  # keys up to this row's own position
+            scores = torch.matmul(query[:, :, row : row + 1], key[:, :, :seen].transpose(2, 3)) * scale  # (b, h, 1, seen)
+            if attention_mask is not None:
+                row_mask = attention_mask[..., row : row + 1, :seen]
+                scores = (scores.masked_fill(~row_mask, float("-inf")) if row_mask.dtype == torch.bool
+                          else scores + row_mask)
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+            rows.append(torch.matmul(weights, value[:, :, :seen]))  # (batch, heads, 1, head_dim)
+    return torch.cat(rows, dim=2).transpose(1, 2).contiguous()
+
+
+class RowInvariantLinear(torch.nn.Linear):
+    """``nn.Linear`` for 16-bit weights on a CPU whose every output row is the same whatever the row count: PyTorch's
+    own matrix product with float32 accumulation, oneDNN off for the call (module doc). Same weights, same result
+    up to 16-bit rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with without_onednn():
+            return F.linear(x, self.weight, self.bias)
+
+
+def use_row_invariant_linear(model: torch.nn.Module) -> int:
+    """Switch every plain 16-bit ``nn.Linear`` of a CPU model to :class:`RowInvariantLinear` in place; returns how
+    many (their parameters stay, so shared weights stay shared)."""
+    switched = 0
+    for module in model.modules():
+        if (type(module) is torch.nn.Linear and module.weight.device.type == "cpu"
+                and module.weight.dtype in (torch.bfloat16, torch.float16)):
+            module.__class__ = RowInvariantLinear
+            switched += 1
+    return switched
 
 
 def use_small_batch_linear(model: torch.nn.Module) -> int:
@@ -165,7 +206,7 @@ def use_cpu_attention(model: torch.nn.Module) -> bool:
 
 def use_cpu_kernels(model: torch.nn.Module) -> None:
     """Both kernel choices above, in place, for a model on a CPU (the engine calls it for the large model)."""
-    switched = use_small_batch_linear(model)
+    switched = use_small_batch_linear(model) + use_row_invariant_linear(model)
     attention = use_cpu_attention(model)
     logger.debug("CPU kernels: %d linear layers switched (%s), attention switched: %s", switched,
                  "oneDNN packed" if onednn_available() else "W @ x^T", attention)

@@ -16,7 +16,7 @@ class UsageError(Exception):
 
 def add_model_arguments(parser: argparse.ArgumentParser, small_default: str | None = "smollm2-little") -> None:
     parser.add_argument("--large", default=DEFAULT_LARGE, help="large model: a name, local directory or HF id (default: %(default)s)")
-    parser.add_argument("--small", default=small_default, help="small model: a name, local directory or HF id (default: %(default)s)")
+    parser.add_argument("--small", default=small_default, help="small model: a name, local directory or HF id; 'none' = the large model alone (default: %(default)s)")
     parser.add_argument("--early-exit-layer", type=int, metavar="K",
                         help="draft with the large model's own first K layers (same as --small early-exit:K)")
 
@@ -83,6 +83,8 @@ def load_engine(large: str, small: str | None, where: Placement | None = None, s
     from bild.decoding import BiLD
     from bild.models import ModelLoadError, ModelPair, check_same_vocabulary, load_model, small_placement
 
+    if small is not None and small.lower() == "none":  # --small none: the large model alone
+        small = None
     try:
         where = where or placement()
         large_model = load_model(large, where=where)
