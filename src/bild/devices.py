@@ -39,12 +39,7 @@ class Placement:
         """What ``from_pretrained(dtype=...)`` gets: "auto" reads the checkpoint's dtype (on GPUs only)."""
         if self.dtype != "auto":
             return self.dtype
-        return torch.float32 if self.device.type == "cpu" else "auto"  # with a device map: no GPU, so a CPU
-
-    def describe(self) -> str:
-        where = f"device_map={self.device_map}" if self.device_map is not None else str(self.device)
-        dtype = self.dtype if isinstance(self.dtype, str) else str(self.dtype).removeprefix("torch.")
-        return f"{where}, dtype {dtype}"
+        return torch.float32 if self.device.type == "cpu" else "auto"  # (a device map with no GPU here: the CPU)
 
 
 def placement(device: str | torch.device = "auto", dtype: str | torch.dtype = "auto",
@@ -62,7 +57,6 @@ def resolve_device(device: str | torch.device, device_map: str | dict | None = N
             raise PlacementError(f"--device-map must be 'auto' (accelerate spreads the model over the GPUs), got {device_map!r}")
         if text not in ("auto", "cuda"):
             raise PlacementError(f"--device-map chooses the devices itself: leave --device at auto (got {device!r})")
-        text = "auto"
     if text == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", torch.cuda.current_device())

@@ -126,8 +126,8 @@ def _cmd_generate_file(args: argparse.Namespace, config: BiLDConfig, where, smal
         try:
             for totals in answer_all(engine, todo, prompt_ids, config, writer):
                 if bar is not None:
-                    bar.update(1)
                     bar.set_postfix_str(_rates(totals), refresh=False)
+                    bar.update(1)
         except KeyboardInterrupt:
             interrupted = True
         finally:
