@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from common import ab_parser, measure_pass_ms, print_methods, with_setup
 from bild import BiLDConfig
-from bild.cpu import GQA_ATTENTION, SmallBatchLinear
+from bild.cpu import CPU_ATTENTION, SmallBatchLinear
 from bild.decoding import BiLD
 from bild.eval.datasets import load_dataset
 from bild.eval.harness import run_methods
@@ -45,7 +45,7 @@ class PreviousSmallBatchLinear(torch.nn.Linear):
 ARMS = {  # arm -> (linear class, attention implementation)
     "plain": (torch.nn.Linear, "sdpa"),
     "before": (PreviousSmallBatchLinear, "sdpa"),
-    "now": (SmallBatchLinear, GQA_ATTENTION),
+    "now": (SmallBatchLinear, CPU_ATTENTION),
 }
 
 

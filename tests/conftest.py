@@ -171,3 +171,23 @@ def clock_free_costs(monkeypatch):
     from bild.decoding import BiLD
 
     monkeypatch.setattr(BiLD, "measure_costs", lambda self, prompt_ids, longest, repeats=5: TEST_COSTS)
+
+
+def save_pair(directory, family: str = "llama", with_eos: bool = False, dtype: torch.dtype = torch.float32):
+    """make_pair's models saved as checkpoints (``directory``/large, ``directory``/small), in ``dtype``, for the
+    code paths that load from disk: the CLI, load_pair and the benchmarks' scripts. Returns (large_dir, small_dir)."""
+    pair = make_pair(family, with_eos=with_eos)
+    paths = []
+    for role in ("large", "small"):
+        loaded_model = getattr(pair, role)
+        path = directory / role
+        loaded_model.model.to(dtype).save_pretrained(path)
+        loaded_model.tokenizer.save_pretrained(path)
+        paths.append(path)
+    return tuple(paths)
+
+
+@pytest.fixture(scope="session")
+def llama_dirs(tmp_path_factory):
+    """A tiny Llama pair on disk (float32): (large_dir, small_dir)."""
+    return save_pair(tmp_path_factory.mktemp("llama-pair"))

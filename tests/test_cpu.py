@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bild.config import BiLDConfig
-from bild.cpu import GQA_ATTENTION, MAX_ROWS, MIN_ROWS, SmallBatchLinear, use_gqa_attention, use_small_batch_linear
+from bild.cpu import CPU_ATTENTION, MAX_ROWS, MIN_ROWS, SmallBatchLinear, use_cpu_attention, use_small_batch_linear
 from bild.decoding import BiLD
 
 from conftest import make_pair, prompt_ids, tiny_llama, tiny_t5
@@ -74,8 +74,8 @@ def test_gqa_attention_gives_sdpa_logits_for_cached_blocks_of_any_width():
     model = tiny_llama(3)
     assert model.config.num_key_value_heads < model.config.num_attention_heads
     reference = copy.deepcopy(model)
-    assert use_gqa_attention(model)
-    assert model.config._attn_implementation == GQA_ATTENTION
+    assert use_cpu_attention(model)
+    assert model.config._attn_implementation == CPU_ATTENTION
     assert reference.config._attn_implementation == "sdpa"
     ids = torch.tensor([prompt_ids(1, 30)])  # (1, 30)
     with torch.inference_mode():
@@ -87,10 +87,10 @@ def test_gqa_attention_gives_sdpa_logits_for_cached_blocks_of_any_width():
 
 
 def test_gqa_attention_leaves_models_without_grouped_heads_alone():
-    assert not use_gqa_attention(tiny_t5(0))
+    assert not use_cpu_attention(tiny_t5(0))
     model = tiny_llama(0)
     model.config.num_key_value_heads = model.config.num_attention_heads  # as if it had no grouped heads
-    assert not use_gqa_attention(model)
+    assert not use_cpu_attention(model)
     assert model.config._attn_implementation == "sdpa"
 
 
@@ -98,7 +98,7 @@ def test_the_engine_switches_the_large_model_and_lossless_bild_stays_exact():
     pair = make_pair("llama")
     engine = BiLD(pair)
     assert isinstance(pair.large.model.lm_head, SmallBatchLinear)
-    assert pair.large.model.config._attn_implementation == GQA_ATTENTION
+    assert pair.large.model.config._attn_implementation == CPU_ATTENTION
     for seed in range(3):
         ids = prompt_ids(seed, 6)
         config = BiLDConfig(fallback_threshold=0.0, rollback_threshold=0.0, max_small_steps=8, max_new_tokens=30)

@@ -6,6 +6,10 @@ A `CachedDecoder` wraps one model's decoder and its cache. Invariant: the cache 
 `seen` tokens of the sequence being generated (`cache length == seen`), so a forward call feeds only
 `tokens[seen:]` and no token is ever computed twice. A rollback crops the cache back to a shorter prefix.
 Encoder-decoder models run their encoder once, when the decoder is created.
+
+Devices: input ids are made on the device of the model's input embedding (its first device when a device map
+spreads it over several), and logits come back as float32 on the device of its output layer. The model is never
+moved.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import PreTrainedModel
+
+from bild.devices import input_device, synchronize
 
 
 @runtime_checkable
@@ -49,7 +55,7 @@ class CachedDecoder:
     def __init__(self, model: PreTrainedModel, encoder_input_ids: torch.Tensor | None = None) -> None:
         """encoder_input_ids: (1, source_len) for encoder-decoder models, None for decoder-only models."""
         self.model = model
-        self.device = model.device
+        self.device = input_device(model)  # where input ids go (a device-mapped model's first device)
         self.cache = None  # created by the model on its first call (DynamicCache / EncoderDecoderCache)
         self.seen = 0
         self.time_s = 0.0  # time spent in this model's forward passes (encoder included)
@@ -86,9 +92,8 @@ class CachedDecoder:
             out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, **trim)
         self.cache = out.cache
         self.seen = len(tokens)
-        logits = out.logits[0, -keep:].float()  # (keep, vocab)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        logits = out.logits[0, -keep:].float()  # (keep, vocab), on the output layer's device
+        synchronize(logits.device)  # honest timing on asynchronous devices
         self.time_s += time.perf_counter() - start
         self.calls += 1
         return logits

@@ -15,7 +15,17 @@ Measured side by side in one run (`benchmarks/kernels-ab.log`, SmolLM2-135M, 150
 pass over k tokens in units of a one-token step on PyTorch's own kernels: k = 2: 1.10x -> 1.06x; k = 4-6:
 1.83-1.88x -> 1.39-1.46x; k = 8-11: 2.20-2.45x (1.86-1.96x with the earlier ``W @ x^T`` choice) -> 1.57-1.65x.
 One-row steps (what vanilla decoding does) and long prompts keep PyTorch's own path; the weights are the same
-tensors and the outputs equal up to float rounding (the attention exactly). The cost: a layer's packed copy is made
+tensors and the outputs equal up to float rounding (the attention exactly).
+
+bfloat16 and float16 take other kernels, for exactness rather than speed. In 16 bits, PyTorch's CPU kernels give
+a row of a multi-row product (oneDNN's matrix products, the SDPA attention kernels) a result that can differ in the
+last bits from the same row computed alone, and 16 bits are coarse enough for that to flip near-tied argmaxes: a
+verification pass over k tokens would not always agree with k one-token steps, so BiLD at alpha_RB = 0 would not
+always be the large model alone. So for a 16-bit model on a CPU every linear layer and the attention run on
+kernels whose rows do not depend on how many rows are computed together (:class:`RowInvariantLinear`, PyTorch's
+own non-oneDNN products with float32 accumulation; :func:`row_invariant_attention`, transformers' "eager" formula),
+for one-token steps and blocks alike. Then a verification pass gives each position exactly what a one-token step
+gives, and lossless BiLD is exactly the large model alone in that dtype (tests/test_devices.py). The cost: a layer's packed copy is made
 the first time it sees 4-64 rows and holds a second copy of its weight (for SmolLM2-135M about 540 MB in all);
 ``BiLD(pair, cpu_kernels=False)`` keeps the model as loaded.
 """
@@ -24,18 +34,20 @@ from __future__ import annotations
 
 import logging
 import weakref
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AttentionMaskInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
 logger = logging.getLogger(__name__)
 
 MIN_ROWS, MAX_ROWS = 4, 64  # the row counts that take the packed (or W @ x^T) path
 PACK_ROWS = 8  # oneDNN's row-count hint for the packed layout (any row count works with it)
-GQA_ATTENTION = "bild_gqa_sdpa"  # the attention implementation name registered by use_cpu_kernels
+CPU_ATTENTION = "bild_cpu_sdpa"  # the attention implementation name registered by use_cpu_kernels
 
 # module -> (weight version, weight storage address, oneDNN-packed copy); weak keys so models can be freed, and kept
 # off the module itself so deepcopy / pickling / state_dict of the model never meet the opaque oneDNN tensor
@@ -44,6 +56,18 @@ _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available()
+
+
+@contextmanager
+def without_onednn() -> Iterator[None]:
+    """PyTorch's own CPU kernels instead of oneDNN's for the calls inside (the switch
+    ``torch.backends.mkldnn.flags(enabled=False)`` makes, without its warnings about TF32 on other hardware)."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
 
 
 class SmallBatchLinear(torch.nn.Linear):
@@ -78,23 +102,76 @@ class SmallBatchLinear(torch.nn.Linear):
         return cached[1]
 
 
-def gqa_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+def cpu_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' SDPA attention, except that a masked block of 2+ queries over grouped KV heads uses
-    ``enable_gqa=True`` instead of copying every cached key and value ``n_rep`` times.
+    """transformers' SDPA attention with two CPU changes (module doc): in float32, a masked block of 2+ queries over
+    grouped KV heads uses ``enable_gqa=True`` instead of copying every cached key and value ``n_rep`` times; in
+    bfloat16/float16, every call runs :func:`row_invariant_attention`.
 
     query: (batch, heads, q_len, head_dim); key, value: (batch, kv_heads, kv_len, head_dim). Returns the attention
     output as (batch, q_len, heads, head_dim), as transformers' attention functions do.
     """
-    grouped = getattr(module, "num_key_value_groups", 1) > 1
     plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None and not kwargs.get("output_attentions")
+    if plain and dropout == 0.0 and query.dtype != torch.float32:
+        return row_invariant_attention(query, key, value, attention_mask, scaling), None
+    grouped = getattr(module, "num_key_value_groups", 1) > 1
     if not (grouped and plain and attention_mask is not None and query.shape[2] > 1):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling, enable_gqa=True
     )  # (batch, heads, q_len, head_dim)
     return out.transpose(1, 2).contiguous(), None
+
+
+def row_invariant_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: torch.Tensor | None, scaling: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scaling + mask) v, one query row at a time over exactly the keys it may see, with the
+    softmax in float32 (transformers' "eager" formula): each row makes the very calls a one-token step at its
+    position makes, so its bits do not depend on how many rows are computed together.
+
+    query: (batch, heads, q_len, head_dim), the last q_len positions; key, value: (batch, kv_heads, kv_len,
+    head_dim); attention_mask: sdpa's mask (boolean, True = attend, or additive float; broadcastable to (batch,
+    heads, q_len, kv_len)), or None for plain causal attention. Returns (batch, q_len, heads, head_dim).
+    """
+    groups = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)  # (batch, heads, kv_len, head_dim)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    q_len, kv_len = query.shape[2], key.shape[2]
+    rows = []
+    with without_onednn():
+        for row in range(q_len):
+            seen = kv_len - q_len + row + 1  # keys up to this row's own position
+            scores = torch.matmul(query[:, :, row : row + 1], key[:, :, :seen].transpose(2, 3)) * scale  # (b, h, 1, seen)
+            if attention_mask is not None:
+                row_mask = attention_mask[..., row : row + 1, :seen]
+                scores = (scores.masked_fill(~row_mask, float("-inf")) if row_mask.dtype == torch.bool
+                          else scores + row_mask)
+            weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+            rows.append(torch.matmul(weights, value[:, :, :seen]))  # (batch, heads, 1, head_dim)
+    return torch.cat(rows, dim=2).transpose(1, 2).contiguous()
+
+
+class RowInvariantLinear(torch.nn.Linear):
+    """``nn.Linear`` for 16-bit weights on a CPU whose every output row is the same whatever the row count: PyTorch's
+    own matrix product with float32 accumulation, oneDNN off for the call (module doc). Same weights, same result
+    up to 16-bit rounding."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with without_onednn():
+            return F.linear(x, self.weight, self.bias)
+
+
+def use_row_invariant_linear(model: torch.nn.Module) -> int:
+    """Switch every plain 16-bit ``nn.Linear`` of a CPU model to :class:`RowInvariantLinear` in place; returns how
+    many (their parameters stay, so shared weights stay shared)."""
+    switched = 0
+    for module in model.modules():
+        if (type(module) is torch.nn.Linear and module.weight.device.type == "cpu"
+                and module.weight.dtype in (torch.bfloat16, torch.float16)):
+            module.__class__ = RowInvariantLinear
+            switched += 1
+    return switched
 
 
 def use_small_batch_linear(model: torch.nn.Module) -> int:
@@ -110,23 +187,26 @@ def use_small_batch_linear(model: torch.nn.Module) -> int:
     return switched
 
 
-def use_gqa_attention(model: torch.nn.Module) -> bool:
-    """Give a model on transformers' SDPA attention with grouped KV heads :func:`gqa_sdpa_attention`; True if switched."""
+def use_cpu_attention(model: torch.nn.Module) -> bool:
+    """Give a model on transformers' SDPA attention :func:`cpu_sdpa_attention` when it changes something (grouped KV
+    heads, or a dtype other than float32); True if switched."""
     config = getattr(model, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
-    if not heads or not kv_heads or kv_heads == heads:
+    grouped = bool(heads and kv_heads and kv_heads != heads)
+    low_precision = any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters())
+    if not grouped and not low_precision:
         return False
-    AttentionInterface.register(GQA_ATTENTION, gqa_sdpa_attention)
-    AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
-    model.set_attn_implementation(GQA_ATTENTION)
+    AttentionInterface.register(CPU_ATTENTION, cpu_sdpa_attention)
+    AttentionMaskInterface.register(CPU_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(CPU_ATTENTION)
     return True
 
 
 def use_cpu_kernels(model: torch.nn.Module) -> None:
     """Both kernel choices above, in place, for a model on a CPU (the engine calls it for the large model)."""
-    switched = use_small_batch_linear(model)
-    gqa = use_gqa_attention(model)
-    logger.debug("CPU kernels: %d linear layers switched (%s), GQA attention: %s", switched,
-                 "oneDNN packed" if onednn_available() else "W @ x^T", gqa)
+    switched = use_small_batch_linear(model) + use_row_invariant_linear(model)
+    attention = use_cpu_attention(model)
+    logger.debug("CPU kernels: %d linear layers switched (%s), attention switched: %s", switched,
+                 "oneDNN packed" if onednn_available() else "W @ x^T", attention)

@@ -3,6 +3,10 @@
 Sequence bookkeeping: `tokens` is the decoder sequence (decoder-only: prompt + output; encoder-decoder:
 [decoder start] + output). `checked` is how many of them are final: the large model has seen and accepted
 every token before it, so text up to there can be streamed and is never taken back.
+
+Devices: each model keeps the device(s) and dtype it was loaded with. Input ids go to the device of the model that
+reads them (cache.py); logits come back as float32 on the device of the model that wrote them, and every tensor the
+loop makes from logits (draft ids, flags, sampling generators) is made on that same device.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from typing import Iterator
 import torch
 
 from bild.cache import CachedDecoder, Decoder
-from bild.config import BiLDConfig, FinishReason, GenerationResult, GenerationStats
-from bild.cpu import use_cpu_kernels
+from bild.config import BiLDConfig, FinishReason, GenerationResult, GenerationStats, SamplingConfig
+from bild.cpu import use_cpu_kernels, use_row_invariant_linear
+from bild.devices import input_device, model_devices
 from bild.models import LoadedModel, ModelPair
 from bild.policies import (
     DraftCosts,
@@ -101,7 +106,9 @@ class BiLD:
         """cpu_kernels: on a CPU, switch the large model (in place) to :func:`bild.cpu.use_cpu_kernels`: the same
         weights and results up to float rounding, but verification passes over 2-64 tokens run on faster kernels; the
         linear layers keep a packed copy of their weights once they have seen 4+ rows (memory: a second copy of the
-        large model's linear weights). False leaves the model as loaded.
+        large model's linear weights); in bfloat16/float16, row-invariant kernels that make lossless BiLD exact, and
+        the small model's 16-bit linear layers take PyTorch's own kernels too (about twice as fast per draft step on
+        this project's CPU as oneDNN's). False leaves the models as loaded.
 
         costs: what a small step and a large pass cost, for the adaptive policy. None measures them once, in a short
         warm-up on the first prompt that uses the policy (then kept: per pair and device, as the engine is). Either way
@@ -109,8 +116,10 @@ class BiLD:
         on the same engine."""
         self.pair = pair
         self.costs = costs
-        if cpu_kernels and pair.large.model.device.type == "cpu":
+        if cpu_kernels and _on_cpu(pair.large.model):
             use_cpu_kernels(pair.large.model)
+        if cpu_kernels and pair.small is not None and _on_cpu(pair.small.model):
+            use_row_invariant_linear(pair.small.model)  # 16-bit layers only; a no-op for float32 and int8
         self.tokenizer = pair.large.tokenizer
         self.eos_ids = frozenset(pair.large.eos_token_ids)
         self.max_context = _context_length(pair.large)
@@ -189,11 +198,11 @@ class BiLD:
         large_model = self.pair.large
         tokens = self._start_tokens(prompt_ids)
         run = _Run(tokens=tokens, output_start=len(tokens), checked=len(tokens))
-        generator = make_generator(config.sampling, large_model.model.device)
+        generators = _Generators(config.sampling)
         decoders: dict[str, Decoder] = {}
         emitted_ids: list[int] = []
         emitted_text = ""
-        for _ in steps(run, config, generator, decoders, prompt_ids):
+        for _ in steps(run, config, generators, decoders, prompt_ids):
             if not chunks:
                 continue
             final_ids = run.tokens[run.output_start : run.checked]
@@ -228,23 +237,24 @@ class BiLD:
         """The cached decoder of 'small' or 'large', created (and its encoder run) on first use."""
         if role not in decoders:
             loaded: LoadedModel = getattr(self.pair, role)
-            encoder_ids = torch.tensor([prompt_ids]) if loaded.is_encoder_decoder else None
+            encoder_ids = (torch.tensor([prompt_ids], device=input_device(loaded.model))  # (1, source_len)
+                           if loaded.is_encoder_decoder else None)
             if role == "small" and loaded.make_decoders is not None:  # early exit: both sides share one cache
                 decoders["small"], decoders["large"] = loaded.make_decoders(self.pair.large, encoder_ids)
             else:
                 decoders[role] = CachedDecoder(loaded.model, encoder_ids)
         return decoders[role]
 
-    def _single_steps(self, role, run, config, generator, decoders, prompt_ids) -> Iterator[None]:
+    def _single_steps(self, role, run, config, generators, decoders, prompt_ids) -> Iterator[None]:
         """Plain autoregressive decoding with one model: one forward pass per token."""
         decoder = self._decoder(role, decoders, prompt_ids)
         while not self._finished(run, config):
             logits = decoder.forward(run.tokens, keep=1)[-1]  # (vocab,)
-            run.tokens.append(pick(logits, config.sampling, generator))
+            run.tokens.append(pick(logits, config.sampling, generators.on(logits.device)))
             run.checked = len(run.tokens)
             yield
 
-    def _bild_steps(self, run, config, generator, decoders, prompt_ids) -> Iterator[None]:
+    def _bild_steps(self, run, config, generators, decoders, prompt_ids) -> Iterator[None]:
         """Algorithm 1: small model drafts while confident; the large model checks, rolls back, writes a token.
 
         Yields after every large pass (when the final prefix `tokens[:checked]` may have grown).
@@ -262,11 +272,11 @@ class BiLD:
                 small_logits = small.forward(run.tokens, keep=1)[-1]  # (vocab,)
                 confidence = top_probability(small_logits, config.sampling)
                 if not should_fall_back(confidence, run.small_run, run.fallback_threshold, run.draft_cap):
-                    self._draft(run, pick(small_logits, config.sampling, generator), confidence)
+                    self._draft(run, pick(small_logits, config.sampling, generators.on(small_logits.device)), confidence)
                     continue
                 run.fallbacks += 1  # the small token is dropped
                 dropped = 1
-            checked, accepted = run.small_run, self._large_pass(run, config, large, small, generator, finished)
+            checked, accepted = run.small_run, self._large_pass(run, config, large, small, generators, finished)
             if adaptation is not None:
                 self._adapt(run, config, adaptation, checked, accepted, dropped)
             self._plan_round(run, config, adaptation)
@@ -328,13 +338,13 @@ class BiLD:
             adaptation.fallback_threshold, config.fallback_threshold, rejected, checked > 0 and accepted == checked
         )
 
-    def _large_pass(self, run: _Run, config: BiLDConfig, large: Decoder, small: Decoder, generator,
+    def _large_pass(self, run: _Run, config: BiLDConfig, large: Decoder, small: Decoder, generators: _Generators,
                     finished: bool) -> int:
         """_verify, with the round's policy values counted for the statistics."""
         run.cap_sum += run.draft_cap
         run.threshold_sum += run.fallback_threshold
         run.policy_passes += 1
-        return self._verify(run, config, large, small, generator, finished)
+        return self._verify(run, config, large, small, generators, finished)
 
     def measure_costs(self, prompt_ids: list[int], longest: int, repeats: int = 5) -> DraftCosts:
         """Median time of a small step, of a large pass over one token and over ``longest + 1`` tokens, after the
@@ -365,7 +375,7 @@ class BiLD:
         logger.info("adaptive policy: measured %s", costs)
         return costs
 
-    def _verify(self, run, config, large: Decoder, small: Decoder, generator, finished: bool) -> int:
+    def _verify(self, run, config, large: Decoder, small: Decoder, generators: _Generators, finished: bool) -> int:
         """One non-autoregressive large pass over every token it has not seen; then roll back or append.
 
         Returns how many of the drafts since the last pass the large model accepted (all of them, or the rollback's
@@ -380,6 +390,7 @@ class BiLD:
         if config.repeat_ngram:  # drafts that repeat an n-gram of the output are checked as if alpha_RB were 0
             flags = self._repeats(run, first_draft, config.repeat_ngram)
             strict = torch.tensor(flags, dtype=torch.bool, device=draft_rows.device)
+        generator = generators.on(large_logits.device)
         rollback = find_rollback(draft_rows, drafts, config.rollback_threshold, config.sampling, generator, strict)
         accepted = run.small_run if rollback is None else rollback.index
         if rollback is not None:
@@ -409,6 +420,20 @@ class BiLD:
         return repeated_ngrams(output, first, n, run.output_ngrams)
 
 
+class _Generators:
+    """The sampling generators of one run: one per device that logits come from (a torch.Generator draws on its own
+    device only), each seeded with the run's seed; None when greedy. Both models on one device share one."""
+
+    def __init__(self, sampling: SamplingConfig) -> None:
+        self.sampling = sampling
+        self.by_device: dict[torch.device, torch.Generator | None] = {}
+
+    def on(self, device: torch.device) -> torch.Generator | None:
+        if device not in self.by_device:
+            self.by_device[device] = make_generator(self.sampling, device)
+        return self.by_device[device]
+
+
 def _stats(run: _Run, decoders: dict[str, Decoder], start: float) -> GenerationStats:
     """The statistics of a run so far (called where every output token is final)."""
     small, large = decoders.get("small"), decoders.get("large")
@@ -429,6 +454,10 @@ def _stats(run: _Run, decoders: dict[str, Decoder], start: float) -> GenerationS
         large_time_s=large.time_s if large else 0.0,
         wall_time_s=time.perf_counter() - start,
     )
+
+
+def _on_cpu(model: torch.nn.Module) -> bool:
+    return {device.type for device in model_devices(model)} == {"cpu"}
 
 
 def _context_length(loaded: LoadedModel) -> int | None:

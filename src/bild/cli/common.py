@@ -1,4 +1,4 @@
-"""What every subcommand shares: usage errors, the model and decoding flags, threads, loading the engine."""
+"""What every subcommand shares: usage errors, the model, device and decoding flags, threads, loading the engine."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 from bild.config import BiLDConfig, SamplingConfig
+from bild.devices import DEVICE_CHOICES, DTYPES, Placement, PlacementError, placement, resolve_device
 from bild.models import DEFAULT_LARGE, DEFAULT_SMALL
 
 
@@ -19,9 +20,35 @@ class UsageError(Exception):
 
 def add_model_arguments(parser: argparse.ArgumentParser, small_default: str | None = "smollm2-little") -> None:
     parser.add_argument("--large", default=DEFAULT_LARGE, help="large model: a name, local directory or HF id (default: %(default)s)")
-    parser.add_argument("--small", default=small_default, help="small model: a name, local directory or HF id (default: %(default)s)")
+    parser.add_argument("--small", default=small_default, help="small model: a name, local directory or HF id; 'none' = the large model alone (default: %(default)s)")
     parser.add_argument("--early-exit-layer", type=int, metavar="K",
                         help="draft with the large model's own first K layers (same as --small early-exit:K)")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device, --dtype, --device-map and --small-device; read them back with :func:`placement_from_args`."""
+    group = parser.add_argument_group("devices") if hasattr(parser, "add_argument_group") else parser
+    group.add_argument("--device", default="auto",
+                       help=f"{DEVICE_CHOICES}; auto = cuda when available, then mps, else cpu (default: %(default)s)")
+    group.add_argument("--dtype", default="auto",
+                       help=f"auto, {', '.join(DTYPES)}; auto = the checkpoint's own dtype on a GPU, float32 on a "
+                            f"CPU (default: %(default)s)")
+    group.add_argument("--device-map", metavar="auto",
+                       help="'auto': spread the large model over every GPU (accelerate); its inputs go to its first device")
+    group.add_argument("--small-device", metavar="DEVICE",
+                       help="the small model's device (default: the large model's first device); drafters that share "
+                            "the large model's weights always run there")
+
+
+def placement_from_args(args: argparse.Namespace) -> tuple[Placement, str | None]:
+    """(the large model's placement, the small model's device or None) from the device flags; bad ones -> UsageError."""
+    try:
+        where = placement(args.device, args.dtype, args.device_map)
+        if args.small_device is not None:
+            resolve_device(args.small_device)
+    except PlacementError as error:
+        raise UsageError(str(error)) from error
+    return where, args.small_device
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,17 +85,22 @@ def config_from_args(args: argparse.Namespace) -> BiLDConfig:
         raise UsageError(str(error)) from error
 
 
-def load_engine(large: str, small: str | None):
-    """Load the pair (errors -> UsageError). Without the default little model, run the large model alone."""
+def load_engine(large: str, small: str | None, where: Placement | None = None, small_device: str | None = None):
+    """Load the pair at ``where`` (the small model on ``small_device`` or the large model's first device; errors ->
+    UsageError). Without the default little model, run the large model alone."""
     from bild.decoding import BiLD
-    from bild.models import ModelLoadError, ModelPair, check_same_vocabulary, load_model
+    from bild.models import ModelLoadError, ModelPair, check_same_vocabulary, load_model, small_placement
 
+    if small is not None and small.lower() == "none":  # --small none: the large model alone
+        small = None
     try:
-        large_model = load_model(large)
+        where = where or placement()
+        large_model = load_model(large, where=where)
         small_model = None
         if small is not None:
             try:
-                small_model = load_model(small, large=large_model)
+                small_model = load_model(small, large=large_model,
+                                         where=small_placement(large_model, where, small_device))
             except ModelLoadError as error:
                 if small != DEFAULT_SMALL:
                     raise
@@ -133,3 +165,12 @@ def check_text_arguments(args: argparse.Namespace) -> None:
 
 
 _UNDECODED_BYTE = re.compile("[\udc80-\udcff]")  # os.fsdecode's surrogateescape: byte b becomes U+DC00 + b
+
+
+def unsupported_dtype(error: RuntimeError) -> str | None:
+    """A one-line message when a RuntimeError says an operation lacks the dtype (e.g. float16 on a CPU), else None."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if "not implemented for" not in text and "does not support" not in text:
+        return None
+    return (f"an operation of this model does not support the chosen dtype on this device ({text}); "
+            f"use --dtype float32 or bfloat16")

@@ -113,7 +113,7 @@ def _cmd_cost(args: argparse.Namespace) -> None:
     if args.steps < 1 or args.rounds < 1:
         raise UsageError(f"--steps and --rounds must be >= 1, got {args.steps} and {args.rounds}")
     try:
-        large = load_model(DEFAULT_LARGE)
+        large = load_model(DEFAULT_LARGE, device="cpu")  # the CPU measurements of the shipped exit
         drafters = {name: load_model(name, large=large) for name in args.small.split(",")}
     except ValueError as error:
         raise UsageError(str(error)) from error
@@ -138,7 +138,7 @@ def _cmd_agreement(args: argparse.Namespace) -> None:
     if not heldout:
         raise UsageError(f"no held-out records in {args.calibration}")
     try:
-        large = load_model(DEFAULT_LARGE)
+        large = load_model(DEFAULT_LARGE, device="cpu")  # the CPU measurements of the shipped exit
         drafters = {name: load_model(name, large=large) for name in args.small.split(",")}
     except ValueError as error:
         raise UsageError(str(error)) from error

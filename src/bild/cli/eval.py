@@ -8,7 +8,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from bild.cli.common import UsageError, check_output, fail, set_threads
+from bild.cli.common import UsageError, add_device_arguments, check_output, fail, placement_from_args, set_threads
 from bild.config import BiLDConfig
 from bild.models import DEFAULT_LARGE, DEFAULT_SMALL
 
@@ -48,6 +48,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     models = parser.add_argument_group("models")
     models.add_argument("--large", default=DEFAULT_LARGE, help="large model: registered name, directory or hub id (default: %(default)s)")
     models.add_argument("--small", default=DEFAULT_SMALL, help="small model (default: %(default)s)")
+    add_device_arguments(parser)
     bild = parser.add_argument_group("decoding (greedy, as in the paper)")
     bild.add_argument("--max-small-steps", type=int, default=10, help="N (default: %(default)s)")
     bild.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
@@ -142,6 +143,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from bild.eval.methods import method_names, needs_small
     from bild.models import load_pair
 
+    where, small_device = placement_from_args(args)
     try:
         check_output(args.json_out, "--json-out")
         check_output(args.out_dir, "--out-dir", directory=True)
@@ -158,7 +160,7 @@ def run_eval(args: argparse.Namespace) -> int:
         if small is None and any(needs_small(name) for name in methods):
             raise ValueError("these methods need a small model: " + ", ".join(name for name in methods if needs_small(name)))
         print(f"loading {args.large} + {small} ...", file=sys.stderr)
-        pair = load_pair(args.large, small)
+        pair = load_pair(args.large, small, where=where, small_device=small_device)
         callback, bar = _progress(args, len(dataset.examples), f"eval {dataset.name}")
         result = evaluate(
             pair, dataset, methods, config, out_dir=args.out_dir, warmup=args.warmup,
@@ -236,10 +238,11 @@ def _cell(key: str, value) -> str:
 def run_sweep(args: argparse.Namespace) -> int:
     from bild.eval.harness import write_json
     from bild.eval.sweep import default_grid, plot, run_sweep as sweep
-    from bild.models import check_same_vocabulary, load_model
+    from bild.models import check_same_vocabulary, load_model, small_placement
 
     plot_path = args.plot or (args.json_out.with_suffix(".png") if args.json_out else None)
     plot_path = plot_path or (args.out_dir / "sweep.png" if args.out_dir else None)
+    where, small_device = placement_from_args(args)
     try:
         check_output(args.json_out, "--json-out")
         check_output(args.out_dir, "--out-dir", directory=True)
@@ -256,10 +259,10 @@ def run_sweep(args: argparse.Namespace) -> int:
             BiLDConfig(rollback_threshold=rollback)
         names = {"aligned": args.small} | ({"unaligned": args.small_unaligned} if args.small_unaligned else {})
         print(f"loading {args.large} + {', '.join(names.values())} ...", file=sys.stderr)
-        large = load_model(args.large)
+        large = load_model(args.large, where=where)
         smalls = {}
         for series, name in names.items():
-            smalls[series] = load_model(name, large=large)
+            smalls[series] = load_model(name, large=large, where=small_placement(large, where, small_device))
             check_same_vocabulary(large, smalls[series])
         points = len(fallback_grid) * len(rollback_grid) * len(smalls)
         callback, bar = _progress(args, len(dataset.examples), f"sweep {points} points")

@@ -1,12 +1,22 @@
-"""`bild generate` (one prompt) and `bild demo` (built-in prompts, BiLD beside the large model alone)."""
+"""`bild generate` (one prompt, or a file of them) and `bild demo` (built-in prompts, BiLD beside the large model
+alone)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from bild.cli.common import UsageError, add_decoding_arguments, add_model_arguments, config_from_args, load_engine
+from bild.cli.common import (
+    UsageError,
+    add_decoding_arguments,
+    add_device_arguments,
+    add_model_arguments,
+    config_from_args,
+    load_engine,
+    placement_from_args,
+)
 from bild.config import BiLDConfig, GenerationResult
 
 DEMO_PROMPTS = [
@@ -25,14 +35,28 @@ GENERATE_EPILOG = """examples:
   bild generate --json --fallback-threshold 0.5 --rollback-threshold 0 "What is 2+2?"
   bild generate --temperature 0.8 --top-p 0.9 --seed 1 "Tell me a story."
   bild generate --large ./my-large --small ./my-small --no-chat "translate English to German: Hello"
+  bild generate --device cuda --dtype bfloat16 --rollback-threshold 0 "What is 2+2?"
+  bild generate --input prompts.jsonl --output answers.jsonl --max-new-tokens 64
+
+files of prompts (--input): one JSON object a line with "prompt" (or chat "messages"), an optional "id" (default:
+the line number) and optional settings for that line (fallback_threshold, rollback_threshold, max_small_steps,
+max_new_tokens, repeat_ngram, temperature, top_p, seed, chat). Answers are appended to --output as they finish;
+run the same command again after an interrupt and it answers only the ids not yet in --output.
 """
 
 
-def _cmd_generate(args: argparse.Namespace) -> None:
+def _cmd_generate(args: argparse.Namespace) -> int | None:
     config = config_from_args(args)
+    where, small_device = placement_from_args(args)
+    if args.input is not None:
+        return _cmd_generate_file(args, config, where, small_device)
+    if args.output is not None:
+        raise UsageError("--output goes with --input (a file of prompts); one prompt prints to stdout")
+    if args.prompt is None:
+        raise UsageError("give a prompt, or --input FILE with one prompt a line")
     if not args.prompt.strip():
         raise UsageError("prompt is empty")
-    engine = load_engine(args.large, args.small)
+    engine = load_engine(args.large, args.small, where, small_device)
     chat = args.chat
     try:
         prompt_ids = engine.encode(args.prompt, chat)
@@ -60,6 +84,83 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         print(vanilla.text)
         print(f"\n{_summary(result)}")
         print(_speed_line(result, vanilla))
+
+
+def _cmd_generate_file(args: argparse.Namespace, config: BiLDConfig, where, small_device) -> int:
+    """--input/--output: check every line, skip the ids already answered, answer the rest with a progress bar."""
+    from bild.batch import AnswerWriter, PromptFileError, answer_all, answered_ids, encode_all, pending, read_prompts
+
+    if args.prompt is not None:
+        raise UsageError("give either a prompt or --input, not both")
+    if args.output is None:
+        raise UsageError("--input needs --output FILE (answers are appended there, and a rerun resumes from it)")
+    for flag in ("stream", "compare", "json"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} is for one prompt; with --input every answer goes to --output as JSON")
+    if args.output.is_dir() or not args.output.parent.is_dir():
+        raise UsageError(f"--output {args.output}: must be a file in an existing directory")
+    if args.output.exists() and args.input.exists() and args.output.samefile(args.input):
+        raise UsageError("--output must not be the --input file")
+    try:
+        records = read_prompts(args.input, config)
+        done, _ = answered_ids(args.output)
+    except PromptFileError as error:
+        raise UsageError(str(error)) from error
+    todo = pending(records, done)
+    skipped = len(records) - len(todo)
+    if not todo:
+        print(f"all {len(records)} prompts of {args.input} are already answered in {args.output}")
+        return 0
+    engine = load_engine(args.large, args.small, where, small_device)
+    try:
+        prompt_ids = encode_all(engine, todo, str(args.input), args.chat)
+    except PromptFileError as error:
+        raise UsageError(str(error)) from error
+    bar = _file_progress(args, len(todo), skipped)
+    interrupted = False
+    with AnswerWriter(args.output) as writer:
+        if writer.dropped_bytes:
+            print(f"note: dropped a torn last line ({writer.dropped_bytes} bytes) of {args.output}; "
+                  "its prompt is answered again", file=sys.stderr)
+        totals = None
+        try:
+            for totals in answer_all(engine, todo, prompt_ids, config, writer):
+                if bar is not None:
+                    bar.set_postfix_str(_rates(totals), refresh=False)
+                    bar.update(1)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            if bar is not None:
+                bar.close()
+    print(_file_summary(totals, skipped, len(records), args.output, interrupted))
+    return 130 if interrupted else 0
+
+
+def _file_progress(args: argparse.Namespace, total: int, skipped: int):
+    if args.no_progress:
+        return None
+    from tqdm import tqdm
+
+    label = "answers" + (f" ({skipped} done before)" if skipped else "")
+    return tqdm(total=total, desc=label, unit="prompt", file=sys.stderr, dynamic_ncols=True)
+
+
+def _rates(totals) -> str:
+    """tokens/s and the BiLD rates: the share of tokens the small model wrote, fallbacks and rollbacks per token."""
+    return (f"{totals.tokens_per_s:.1f} tok/s, small {totals.rate('small_tokens_kept'):.0%}, "
+            f"fallback {totals.rate('fallbacks'):.2f}/tok, rollback {totals.rate('rollbacks'):.2f}/tok")
+
+
+def _file_summary(totals, skipped: int, total: int, output: Path, interrupted: bool) -> str:
+    answered = totals.answered if totals is not None else 0
+    lines = [f"{answered} answered now, {skipped} before, {total - skipped - answered} left of {total}; in {output}"]
+    if totals is not None and totals.answered:
+        reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(totals.finish_reasons.items()))
+        lines.append(f"{totals.new_tokens} tokens in {totals.wall_time_s:.1f} s: {_rates(totals)} ({reasons})")
+    if interrupted:
+        lines.append("interrupted: every finished answer is saved; run the same command again to resume")
+    return "\n".join(lines)
 
 
 def _per_token_speedup(bild_s: float, bild_tokens: int, vanilla_s: float, vanilla_tokens: int) -> float:
@@ -99,7 +200,7 @@ def _summary(result: GenerationResult) -> str:
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     config = config_from_args(args)
-    engine = load_engine(args.large, args.small)
+    engine = load_engine(args.large, args.small, *placement_from_args(args))
     if engine.pair.small is None:
         print("(no small model: showing the large model alone)")
     prompts = [engine.encode(prompt) for prompt in DEMO_PROMPTS]
@@ -134,10 +235,14 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 
 def register(subparsers) -> None:
-    generate = subparsers.add_parser("generate", help="generate text for one prompt", epilog=GENERATE_EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    generate.add_argument("prompt", help="the prompt (a user message for chat models)")
+    generate = subparsers.add_parser("generate", help="generate text for one prompt or a file of prompts",
+                                     epilog=GENERATE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate.add_argument("prompt", nargs="?", help="the prompt (a user message for chat models); or use --input")
+    generate.add_argument("--input", type=Path, help="a JSONL file of prompts (see below); needs --output")
+    generate.add_argument("--output", type=Path, help="JSONL answers, appended as they finish; a rerun resumes")
+    generate.add_argument("--no-progress", action="store_true", help="no progress bar with --input")
     add_model_arguments(generate)
+    add_device_arguments(generate)
     add_decoding_arguments(generate)
     generate.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                           help="apply the chat template (default: when the large model has one)")
@@ -148,5 +253,6 @@ def register(subparsers) -> None:
 
     demo = subparsers.add_parser("demo", help="BiLD on built-in prompts, with the speedup over the large model alone")
     add_model_arguments(demo)
+    add_device_arguments(demo)
     add_decoding_arguments(demo)
     demo.set_defaults(func=_cmd_demo)

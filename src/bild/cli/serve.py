@@ -6,7 +6,15 @@ import argparse
 import os
 import sys
 
-from bild.cli.common import UsageError, add_decoding_arguments, add_model_arguments, config_from_args, set_threads
+from bild.cli.common import (
+    UsageError,
+    add_decoding_arguments,
+    add_device_arguments,
+    add_model_arguments,
+    config_from_args,
+    placement_from_args,
+    set_threads,
+)
 from bild.models import DEFAULT_LARGE
 
 # the defaults of bild.serve.app, which needs the serve extra to import; tests/test_serve.py checks they agree
@@ -45,6 +53,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
+    add_device_arguments(parser)
     parser.add_argument("--model-name", help="the name clients send as `model` (default: the --large name)")
     http = parser.add_argument_group("http")
     http.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
@@ -82,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from bild.serve import create_app, run as run_server
 
     defaults = config_from_args(args)
+    where, small_device = placement_from_args(args)
     if args.queue_size < 0:
         raise UsageError(f"--queue-size must be >= 0, got {args.queue_size}")
     if args.max_prompt_tokens < 1:
@@ -99,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     print(f"loading {args.large} + {args.small} ...", file=sys.stderr)
     try:
-        pair = load_pair(args.large, args.small)
+        pair = load_pair(args.large, args.small, where=where, small_device=small_device)
     except ValueError as error:  # ModelLoadError, VocabularyMismatchError
         raise UsageError(str(error)) from error
     model_name = args.model_name or args.large

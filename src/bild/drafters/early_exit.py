@@ -38,9 +38,10 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from bild.cache import Decoder
+from bild.devices import Placement, input_device
 from bild.drafters import WEIGHTS_DIR
-from bild.drafters.quantize import int8_copy
-from bild.models import DEFAULT_LARGE, LoadedModel, ModelLoadError, load_model
+from bild.drafters.quantize import int8_copy, int8_drafting_applies
+from bild.models import DEFAULT_LARGE, LoadedModel, ModelLoadError, check_follows_large, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class EarlyExitModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.large.device
+        """Where input ids go: the large model's input embedding's device (its first, when device-mapped)."""
+        return input_device(self.large)
 
     def use_int8_head(self) -> None:
         """Draft through a per-channel int8 copy of the head (bild.drafters.quantize): the head dominates a draft step on a
@@ -279,9 +281,18 @@ def early_exit_model(large: LoadedModel, model: EarlyExitModel, name: str) -> Lo
     return LoadedModel(name, model, large.tokenizer, False, large.is_chat, make_decoders=make_decoders)
 
 
-def untrained_exit(large: LoadedModel | None, layer: str) -> LoadedModel:
-    """``early-exit:K``: layers [0, K) of the large model, its final norm and head, nothing trained."""
-    large = large or load_model(DEFAULT_LARGE)
+def _large_for(drafter: str, large: LoadedModel | None, where: Placement | None) -> LoadedModel:
+    """The large model an exit is built on: the given one (``where``, if any, must agree with it) or the default."""
+    if large is None:
+        return load_model(DEFAULT_LARGE, where=where)
+    check_follows_large(drafter, large, where)
+    return large
+
+
+def untrained_exit(large: LoadedModel | None, layer: str, where: Placement | None = None) -> LoadedModel:
+    """``early-exit:K``: layers [0, K) of the large model, its final norm and head, nothing trained; on the large
+    model's device(s) and in its dtype, drafting through an int8 head for float32 on a CPU."""
+    large = _large_for(f"{FAMILY}:{layer}", large, where)
     try:
         exit_layer = int(layer)
     except ValueError:
@@ -290,7 +301,7 @@ def untrained_exit(large: LoadedModel | None, layer: str) -> LoadedModel:
         model = EarlyExitModel(large.model, exit_layer)
     except ValueError as error:
         raise ModelLoadError(str(error)) from None
-    if model.device.type == "cpu":
+    if int8_drafting_applies(large.model):
         model.use_int8_head()
     return early_exit_model(large, model, f"{FAMILY}:{exit_layer}")
 
@@ -312,25 +323,25 @@ def save_exit(model: EarlyExitModel, spec: ExitSpec, report: dict, out_dir: Path
     return path
 
 
-def load_exit(large: LoadedModel | None = None, weights_dir: Path = WEIGHTS_DIR, stem: str = SHIPPED_FILE,
-              int8_head: bool = True) -> LoadedModel:
-    """The shipped trained exit of the default large model, rebuilt on the (given or freshly loaded) large model;
-    on a CPU it drafts through an int8 copy of the head (``int8_head``), like the little models."""
+def load_exit(large: LoadedModel | None = None, where: Placement | None = None, weights_dir: Path = WEIGHTS_DIR,
+              stem: str = SHIPPED_FILE, int8_head: bool = True) -> LoadedModel:
+    """The shipped trained exit of the default large model, rebuilt on the (given or freshly loaded, at ``where``)
+    large model, on its device and in its dtype; for float32 on a CPU it drafts through an int8 copy of the head
+    (``int8_head``), like the little models."""
     weights, meta_path = weights_dir / f"{stem}.safetensors", weights_dir / f"{stem}.json"
     if not weights.is_file() or not meta_path.is_file():
         raise ModelLoadError(f"early-exit weights {weights} are missing; train them with `bild early-exit train`")
-    large = large or load_model(DEFAULT_LARGE)
+    large = _large_for(SHIPPED_NAME, large, where)
     config = large.model.config
     if config.hidden_size != 576 or config.vocab_size != 49152 or config.num_hidden_layers != 30:
         raise ModelLoadError(f"{SHIPPED_NAME} is trained for {DEFAULT_LARGE}; large model {large.name!r} differs "
                              f"(use early-exit:K for an untrained exit of any model)")
     meta = json.loads(meta_path.read_text())
-    block = make_exit_block(large.model, meta["init_layer"])
-    state = {name: tensor.float() for name, tensor in load_file(weights).items()}
-    block.load_state_dict(state)
+    block = make_exit_block(large.model, meta["init_layer"])  # on that layer's device, in its dtype
+    block.load_state_dict(load_file(weights))  # cast to the block's dtype
     block.eval()
     model = EarlyExitModel(large.model, meta["exit_layer"], block)
-    if int8_head and model.device.type == "cpu":
+    if int8_head and int8_drafting_applies(large.model):
         model.use_int8_head()
     return early_exit_model(large, model, SHIPPED_NAME)
 

@@ -23,8 +23,9 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from bild.drafters import WEIGHTS_DIR
-from bild.drafters.quantize import quantize_decoder_layers, quantize_output_layer
-from bild.models import DEFAULT_LARGE, LoadedModel, ModelLoadError, load_model
+from bild.devices import Placement, input_device
+from bild.drafters.quantize import int8_drafting_applies, quantize_decoder_layers, quantize_output_layer
+from bild.models import DEFAULT_LARGE, LoadedModel, ModelLoadError, check_follows_large, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +46,17 @@ class LowRankDelta(torch.nn.Module):
     def __init__(self, base: torch.nn.Linear, rank: int):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))  # (rank, in)
-        self.up = torch.nn.Parameter(torch.zeros(base.out_features, rank))  # (out, rank): the delta starts at zero
+        device = base.weight.device  # float32 deltas beside the base weight, whatever its dtype
+        self.down = torch.nn.Parameter(torch.randn(rank, base.in_features, device=device)
+                                       / math.sqrt(base.in_features))  # (rank, in)
+        self.up = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=device))  # (out, rank): starts at zero
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + (x @ self.down.T) @ self.up.T
 
     def merged(self) -> torch.nn.Linear:
         with torch.no_grad():
-            self.base.weight += self.up @ self.down
+            self.base.weight += (self.up @ self.down).to(self.base.weight.dtype)  # (out, in)
         return self.base
 
 
@@ -79,7 +82,8 @@ def build_little(large: LoadedModel, init_layers: tuple[int, ...], delta_rank: i
     """A LlamaForCausalLM with ``len(init_layers)`` decoder layers copied from the large model's ``init_layers``.
 
     The embedding module and the tied head are the large model's own objects (shared, not copied); the final norm is
-    copied from the large model and trainable. ``delta_rank`` > 0 freezes the copied linear layers and gives each a
+    copied from the large model and trainable. The copies are the little model's own and live on the large model's
+    first device (its input embedding's) in its dtype, also when a device map spreads the large model. ``delta_rank`` > 0 freezes the copied linear layers and gives each a
     trainable low-rank delta of that rank (:class:`LowRankDelta`): only the deltas and the norms are then trained
     and stored, so more layers fit the same storage budget.
     """
@@ -93,17 +97,29 @@ def build_little(large: LoadedModel, init_layers: tuple[int, ...], delta_rank: i
         model = LlamaForCausalLM(config)
     model.model.embed_tokens = source.model.embed_tokens
     model.lm_head = source.lm_head
-    model.model.layers = torch.nn.ModuleList(copy.deepcopy(source.model.layers[i]) for i in init_layers)
+    device = input_device(source)
+    model.model.layers = torch.nn.ModuleList(own_copy(source.model.layers[i], device) for i in init_layers)
     for new_index, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = new_index  # each layer writes its own KV-cache slot
-    model.model.norm = copy.deepcopy(source.model.norm)
-    model.model.rotary_emb = copy.deepcopy(source.model.rotary_emb)
+    model.model.norm = own_copy(source.model.norm, device)
+    model.model.rotary_emb = own_copy(source.model.rotary_emb, device)
     model.generation_config = copy.deepcopy(source.generation_config)
     if delta_rank > 0:
         for parent, name in _linear_slots(model):
             setattr(parent, name, LowRankDelta(getattr(parent, name), delta_rank))
     model.eval()
     return LoadedModel(f"little{list(init_layers)}", model, large.tokenizer, False, large.is_chat)
+
+
+def own_copy(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """A copy of one of the large model's modules for the little model, on ``device``, without the device hooks
+    accelerate puts on the modules of a device-mapped model (they would send its inputs to the original's device)."""
+    copied = copy.deepcopy(module)
+    if any(hasattr(child, "_hf_hook") for child in copied.modules()):
+        from accelerate.hooks import remove_hook_from_module
+
+        remove_hook_from_module(copied, recurse=True)
+    return copied.to(device)
 
 
 def own_state(model: LoadedModel) -> dict[str, torch.Tensor]:
@@ -137,11 +153,12 @@ def save_little(model: LoadedModel, variant: str, init_layers: tuple[int, ...], 
 
 def load_little(
     variant: str, large: LoadedModel | None = None, weights_dir: Path = WEIGHTS_DIR, int8: bool = True,
-    int8_layers: bool = False,
+    int8_layers: bool = False, where: Placement | None = None,
 ) -> LoadedModel:
-    """Rebuild a shipped little model on top of the (given or freshly loaded) default large model.
+    """Rebuild a shipped little model on top of the (given or freshly loaded, at ``where``) default large model, on
+    its first device and in its dtype (``where``, when given, must agree: the weights are shared).
 
-    int8 (on a CPU): a per-channel int8 copy of the shared head restricted to the draft vocabulary stored with the
+    int8 (float32 on a CPU only; other dtypes and devices draft in the dtype as loaded): a per-channel int8 copy of the shared head restricted to the draft vocabulary stored with the
     weights (see bild.drafters.quantize), which cuts the decode step from about 30% of the large model's to about 20%; the
     large model keeps its fp32 original. int8_layers: int8 copies of the decoder layers too (cheaper still, but 1.5
     points less agreement and slower BiLD at the paper's thresholds: benchmarks/drafting-forms-ab.log). int8=False:
@@ -150,32 +167,37 @@ def load_little(
     weights, meta_path = weights_dir / f"{variant}.safetensors", weights_dir / f"{variant}.json"
     if not weights.is_file() or not meta_path.is_file():
         raise ModelLoadError(f"little model weights {weights} are missing; build them with `make little`")
-    large = large or load_model(DEFAULT_LARGE)
+    name = next(name for name, v in VARIANTS.items() if v == variant)
+    if large is None:
+        large = load_model(DEFAULT_LARGE, where=where)
+    else:
+        check_follows_large(name, large, where)
     if large.model.config.hidden_size != 576 or large.model.config.vocab_size != 49152:
         raise ModelLoadError(f"the little models are built for {DEFAULT_LARGE}; large model {large.name!r} differs")
     meta = json.loads(meta_path.read_text())
     little = build_little(large, tuple(meta["init_layers"]), meta.get("delta_rank", 0))
     stored = load_file(weights)
     draft_vocab = stored.pop(DRAFT_VOCAB_KEY, None)  # (size,) int32 token ids, absent in weights saved without one
-    state = {name: tensor.float() for name, tensor in stored.items()}
-    missing, unexpected = little.model.load_state_dict(state, strict=False)
+    missing, unexpected = little.model.load_state_dict(stored, strict=False)  # cast to the model's dtype
     if unexpected or any(not (name.startswith(("model.embed_tokens", "lm_head")) or _is_frozen_copy(name))
                          for name in missing):
         raise ModelLoadError(f"{weights} does not match the little architecture (missing {missing}, extra {unexpected})")
     merge_low_rank(little)
-    if int8 and little.model.device.type == "cpu":
+    if int8 and int8_drafting_applies(little.model):
         if int8_layers:
             quantize_decoder_layers(little.model)
         quantize_output_layer(little.model, draft_vocab)
-    name = next(name for name, v in VARIANTS.items() if v == variant)
+    elif int8:
+        logger.info("%s drafts in %s on %s: int8 drafting is for float32 on a CPU", name,
+                    next(little.model.parameters()).dtype, input_device(little.model))
     return LoadedModel(name, little.model, large.tokenizer, False, large.is_chat)
 
 
-def load_aligned(large: LoadedModel | None = None) -> LoadedModel:
+def load_aligned(large: LoadedModel | None = None, where: Placement | None = None) -> LoadedModel:
     """``smollm2-little``: trained on the large model's greedy outputs (prediction alignment)."""
-    return load_little("aligned", large)
+    return load_little("aligned", large, where=where)
 
 
-def load_unaligned(large: LoadedModel | None = None) -> LoadedModel:
+def load_unaligned(large: LoadedModel | None = None, where: Placement | None = None) -> LoadedModel:
     """``smollm2-little-unaligned``: the same architecture trained on the real text's own next tokens."""
-    return load_little("unaligned", large)
+    return load_little("unaligned", large, where=where)

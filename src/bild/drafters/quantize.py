@@ -7,6 +7,9 @@ draft model's step from about 23% to about 9% of the large model's step with the
 A draft vocabulary (the few thousand tokens the large model actually writes, counted on training data) shrinks the
 head further, and int8 decoder layers quarter the rest. A draft model only proposes tokens; the large model, left
 in full precision, still decides, so alpha_RB = 0 stays exactly the large model's greedy output.
+
+Only for float32 models on a CPU (:func:`int8_drafting_applies`): PyTorch's dynamic int8 layers are CPU kernels that
+take float32 inputs, so a drafter on a GPU or in bfloat16/float16 drafts in the dtype it was loaded in.
 """
 
 from __future__ import annotations
@@ -19,6 +22,12 @@ import torch
 from transformers import PreTrainedModel
 
 from bild.cpu import SmallBatchLinear
+from bild.devices import model_devices, model_dtype
+
+
+def int8_drafting_applies(model: torch.nn.Module) -> bool:
+    """True for a float32 model all on a CPU: the only case the int8 copies here can run in."""
+    return {device.type for device in model_devices(model)} == {"cpu"} and model_dtype(model) == torch.float32
 
 
 def quantize_output_layer(model: PreTrainedModel, draft_vocab: torch.Tensor | None = None) -> PreTrainedModel:

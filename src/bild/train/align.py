@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from bild.devices import input_device
 from bild.models import LoadedModel, check_same_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -225,6 +226,8 @@ def _generate_batch(
     large: LoadedModel, batch: list[tuple[int, str, list[int]]], config: CalibrationConfig
 ) -> list[CalibrationRecord]:
     input_ids, attention_mask = _pad([ids for _, _, ids in batch], _pad_id(large), left=not large.is_encoder_decoder)
+    device = input_device(large.model)  # the large model stays where it was loaded; its inputs go there
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     out = large.model.generate(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -347,18 +350,21 @@ def _topk_tensors(
 
 def batch_logits(model: LoadedModel, batch: Batch) -> torch.Tensor:
     """Logits at the target positions only (the head is the costly part): (batch, target_len, vocab)."""
+    device = input_device(model.model)
+    inputs = {name: tensor.to(device) for name, tensor in batch.inputs.items()}
     if batch.keep is None:
-        return model.model(**batch.inputs).logits
-    return model.model(**batch.inputs, logits_to_keep=batch.keep).logits
+        return model.model(**inputs).logits
+    return model.model(**inputs, logits_to_keep=batch.keep.to(device)).logits
 
 
 def batch_loss(logits: torch.Tensor, batch: Batch, kl_weight: float) -> torch.Tensor:
     """Cross-entropy on the targets, plus ``kl_weight`` x soft cross-entropy on the large model's renormalized top-k."""
-    valid = batch.targets != IGNORE  # (batch, target_len)
-    loss = F.cross_entropy(logits[valid].float(), batch.targets[valid])
+    targets = batch.targets.to(logits.device)
+    valid = targets != IGNORE  # (batch, target_len)
+    loss = F.cross_entropy(logits[valid].float(), targets[valid])
     if kl_weight > 0 and batch.topk_ids is not None:
-        student = logits.float().log_softmax(-1).gather(-1, batch.topk_ids)  # (batch, target_len, top_k)
-        teacher = batch.topk_logprobs.softmax(-1)  # renormalized over the k kept tokens
+        student = logits.float().log_softmax(-1).gather(-1, batch.topk_ids.to(logits.device))  # (batch, target_len, top_k)
+        teacher = batch.topk_logprobs.to(logits.device).softmax(-1)  # renormalized over the k kept tokens
         loss = loss + kl_weight * -(teacher * student).sum(-1)[valid].mean()
     return loss
 
@@ -480,7 +486,7 @@ def agreement(model: LoadedModel, records: Sequence[CalibrationRecord], config: 
     hits = total = 0
     for start in range(0, len(records), batch_size):
         batch = make_batch(model, records[start : start + batch_size], scoring)
-        predicted = batch_logits(model, batch).argmax(-1)  # (batch, target_len)
+        predicted = batch_logits(model, batch).argmax(-1).cpu()  # (batch, target_len)
         valid = batch.targets != IGNORE
         hits += int((predicted == batch.targets)[valid].sum())
         total += int(valid.sum())

@@ -160,7 +160,7 @@ def train_exits(calibration: Path = DEFAULT_CALIBRATION, out_dir: Path = WEIGHTS
     train_records, heldout = split_by_index(records, config.heldout_every)
     train_records = train_records[: config.max_train_records]
     heldout = heldout[: config.max_heldout_records]
-    large = load_model(DEFAULT_LARGE)
+    large = load_model(DEFAULT_LARGE, device="cpu")  # the recipe trains on a CPU, in float32
     _frozen(large)
     layers, shipped = [], None
     for exit_layer in config.exit_layers:

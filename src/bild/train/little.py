@@ -165,7 +165,7 @@ def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = L
     ``little-report.json`` gathers every variant present in ``out_dir``.
     """
     torch.manual_seed(config.seed)
-    large = load_model(DEFAULT_LARGE)
+    large = load_model(DEFAULT_LARGE, device="cpu")  # the recipe trains on a CPU, in float32
     examples = build_prompts(config.prompts, seed=config.seed)
     package_examples = (build_package_prompts(config.package, config.package_prompts, seed=config.seed)
                         if config.package_prompts else [])
