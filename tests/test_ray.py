@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import signal
 import socket
 import subprocess
@@ -75,6 +76,37 @@ def test_cli_serves_on_a_local_ray_and_leaves_no_ray_process_after_sigterm(tmp_p
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_ray_data_answers_twenty_prompts_as_the_local_run_does(tmp_path, capsys):
+    """Runs before the module's Serve cluster starts: the command starts (and stops) a local Ray of its own."""
+    from bild.cli import main
+
+    large, small = save_pair(tmp_path, with_eos=True)
+    prompts = tmp_path / "prompts.jsonl"
+    lines = [{"id": f"q{index}", "prompt": f"w{5 + index} w{9 + index % 7} w12"} for index in range(19)]
+    lines.append({"prompt": "w5 w6", "rollback_threshold": 0, "max_new_tokens": 6})  # per-line settings, id = line 20
+    prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    # the fixed policy: the adaptive one measures each engine's costs, so its statistics (not its greedy lossless
+    # tokens) may differ between processes
+    common = ["generate", "--large", large, "--small", small, "--no-chat", "--no-progress", "--max-new-tokens", "10",
+              "--threads", "1", "--policy", "fixed", "--input", str(prompts)]
+    local, distributed = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
+    assert main([*common, "--output", str(local)]) == 0
+    assert main([*common, "--output", str(distributed), "--ray", "--workers", "2"]) == 0
+    by_id = {path: {json.dumps(row["id"]): row for row in map(json.loads, path.read_text().splitlines())}
+             for path in (local, distributed)}
+    assert len(by_id[local]) == 20 and by_id[local].keys() == by_id[distributed].keys()
+    for key, row in by_id[local].items():
+        other = by_id[distributed][key]
+        assert other["token_ids"] == row["token_ids"] and other["text"] == row["text"]  # greedy: token for token
+        assert other.keys() == row.keys() and other["stats"].keys() == row["stats"].keys()
+        timing = ("small_time_s", "large_time_s", "wall_time_s")
+        assert {k: v for k, v in other["stats"].items() if k not in timing} == \
+               {k: v for k, v in row["stats"].items() if k not in timing}
+    assert main([*common, "--output", str(distributed), "--ray", "--workers", "2"]) == 0  # resumes: nothing left
+    assert "already answered" in capsys.readouterr().out
+    assert not ray.is_initialized()
 
 
 @pytest.fixture(scope="module")

@@ -52,9 +52,16 @@ class Decoder(Protocol):
 class CachedDecoder:
     """:class:`Decoder` for an ordinary Hugging Face model: its own cache, created on the first call."""
 
-    def __init__(self, model: PreTrainedModel, encoder_input_ids: torch.Tensor | None = None) -> None:
-        """encoder_input_ids: (1, source_len) for encoder-decoder models, None for decoder-only models."""
+    def __init__(self, model: PreTrainedModel, encoder_input_ids: torch.Tensor | None = None,
+                 row_by_row: bool = False) -> None:
+        """encoder_input_ids: (1, source_len) for encoder-decoder models, None for decoder-only models.
+
+        row_by_row: feed the positions whose logits are read one at a time, as single-token steps would (after one
+        block up to the first of them, as a prompt's prefill is): for a model whose kernels give a row of a block a
+        result that differs in the last bits from the row computed alone (16-bit attention that bild.cpu cannot
+        switch), so that a check of k drafts sees exactly what k single steps see."""
         self.model = model
+        self.row_by_row = row_by_row
         self.device = input_device(model)  # where input ids go (a device-mapped model's first device)
         self.cache = None  # created by the model on its first call (DynamicCache / EncoderDecoderCache)
         self.seen = 0
@@ -82,6 +89,20 @@ class CachedDecoder:
             raise ValueError("no new tokens to feed: the cache already holds the whole sequence")
         keep = len(new) if keep is None else min(keep, len(new))
         start = time.perf_counter()
+        if self.row_by_row and keep > 1:
+            block = len(new) - keep + 1  # up to the first position read, then one position at a time
+            rows = [self._feed(new[:block], 1)] + [self._feed([token], 1) for token in new[block:]]
+            logits = torch.cat(rows)  # (keep, vocab)
+        else:
+            logits = self._feed(new, keep)
+        self.seen = len(tokens)
+        synchronize(logits.device)  # honest timing on asynchronous devices
+        self.time_s += time.perf_counter() - start
+        self.calls += 1
+        return logits
+
+    def _feed(self, new: list[int], keep: int) -> torch.Tensor:
+        """One model call on ``new`` after the cache; logits (keep, vocab) of its last ``keep`` positions."""
         input_ids = torch.tensor([new], dtype=torch.long, device=self.device)  # (1, new)
         trim = {"logits_to_keep": keep} if self.can_trim_logits else {}
         if self.encoder_outputs is not None:
@@ -91,12 +112,7 @@ class CachedDecoder:
         else:
             out = self.model(input_ids=input_ids, cache=self.cache, use_cache=True, **trim)
         self.cache = out.cache
-        self.seen = len(tokens)
-        logits = out.logits[0, -keep:].float()  # (keep, vocab), on the output layer's device
-        synchronize(logits.device)  # honest timing on asynchronous devices
-        self.time_s += time.perf_counter() - start
-        self.calls += 1
-        return logits
+        return out.logits[0, -keep:].float()  # (keep, vocab), on the output layer's device
 
     def crop(self, length: int) -> None:
         """Forget every cached token from position `length` on (a rollback); keeps the invariant cache == seen."""

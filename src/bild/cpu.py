@@ -210,3 +210,22 @@ def use_cpu_kernels(model: torch.nn.Module) -> None:
     attention = use_cpu_attention(model)
     logger.debug("CPU kernels: %d linear layers switched (%s), attention switched: %s", switched,
                  "oneDNN packed" if onednn_available() else "W @ x^T", attention)
+
+
+def needs_row_by_row(model: torch.nn.Module) -> bool:
+    """A 16-bit model on a CPU that the row-invariant kernels do not fully cover: an encoder-decoder model (its
+    cross-attention and relative position biases are not on them; measured: T5 and BART in bfloat16 drift), attention
+    :func:`use_cpu_attention` could not switch, or float32 linear layers kept inside it (T5 keeps its feed-forward
+    output layer in float32 when it loads in 16 bits), whose multi-row products round differently in the last bits. A check of k drafts must then feed them one at a
+    time to see exactly what k single steps see (:class:`bild.cache.CachedDecoder` ``row_by_row``)."""
+    parameters = [p for p in model.parameters() if p.is_floating_point()]
+    if not parameters or parameters[0].device.type != "cpu":
+        return False
+    if not any(p.dtype in (torch.bfloat16, torch.float16) for p in parameters):
+        return False
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):  # cross-attention, relative position biases: not covered
+        return True
+    attention_switched = getattr(config, "_attn_implementation", None) == CPU_ATTENTION
+    float32_linear = any(isinstance(m, torch.nn.Linear) and m.weight.dtype == torch.float32 for m in model.modules())
+    return not attention_switched or float32_linear

@@ -22,7 +22,7 @@ import torch
 
 from bild.cache import CachedDecoder, Decoder
 from bild.config import BiLDConfig, FinishReason, GenerationResult, GenerationStats, SamplingConfig
-from bild.cpu import use_cpu_kernels, use_row_invariant_linear
+from bild.cpu import needs_row_by_row, use_cpu_kernels, use_row_invariant_linear
 from bild.devices import input_device, model_devices
 from bild.models import LoadedModel, ModelPair
 from bild.policies import (
@@ -118,6 +118,8 @@ class BiLD:
         self.costs = costs
         if cpu_kernels and _on_cpu(pair.large.model):
             use_cpu_kernels(pair.large.model)
+        # 16-bit attention that could not be made row-invariant: the large model checks drafts one position at a time
+        self.large_row_by_row = cpu_kernels and needs_row_by_row(pair.large.model)
         if cpu_kernels and pair.small is not None and _on_cpu(pair.small.model):
             use_row_invariant_linear(pair.small.model)  # 16-bit layers only; a no-op for float32 and int8
         self.tokenizer = pair.large.tokenizer
@@ -242,7 +244,7 @@ class BiLD:
             if role == "small" and loaded.make_decoders is not None:  # early exit: both sides share one cache
                 decoders["small"], decoders["large"] = loaded.make_decoders(self.pair.large, encoder_ids)
             else:
-                decoders[role] = CachedDecoder(loaded.model, encoder_ids)
+                decoders[role] = CachedDecoder(loaded.model, encoder_ids, row_by_row=role == "large" and self.large_row_by_row)
         return decoders[role]
 
     def _single_steps(self, role, run, config, generators, decoders, prompt_ids) -> Iterator[None]:

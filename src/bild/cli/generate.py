@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 from bild.cli.common import (
@@ -16,6 +17,7 @@ from bild.cli.common import (
     config_from_args,
     load_engine,
     placement_from_args,
+    set_threads,
 )
 from bild.config import BiLDConfig, GenerationResult
 
@@ -48,6 +50,9 @@ run the same command again after an interrupt and it answers only the ids not ye
 def _cmd_generate(args: argparse.Namespace) -> int | None:
     config = config_from_args(args)
     where, small_device = placement_from_args(args)
+    set_threads(args.threads)
+    if args.ray and args.input is None:
+        raise UsageError("--ray answers a file of prompts: give --input FILE and --output FILE")
     if args.input is not None:
         return _cmd_generate_file(args, config, where, small_device)
     if args.output is not None:
@@ -111,11 +116,15 @@ def _cmd_generate_file(args: argparse.Namespace, config: BiLDConfig, where, smal
     if not todo:
         print(f"all {len(records)} prompts of {args.input} are already answered in {args.output}")
         return 0
-    engine = load_engine(args.large, args.small, where, small_device)
-    try:
-        prompt_ids = encode_all(engine, todo, str(args.input), args.chat)
-    except PromptFileError as error:
-        raise UsageError(str(error)) from error
+    if args.ray:
+        answers = _ray_answers(args, todo, config)
+    else:
+        engine = load_engine(args.large, args.small, where, small_device)
+        try:
+            prompt_ids = encode_all(engine, todo, str(args.input), args.chat)
+        except PromptFileError as error:
+            raise UsageError(str(error)) from error
+        answers = partial(answer_all, engine, todo, prompt_ids, config)
     bar = _file_progress(args, len(todo), skipped)
     interrupted = False
     with AnswerWriter(args.output) as writer:
@@ -124,7 +133,7 @@ def _cmd_generate_file(args: argparse.Namespace, config: BiLDConfig, where, smal
                   "its prompt is answered again", file=sys.stderr)
         totals = None
         try:
-            for totals in answer_all(engine, todo, prompt_ids, config, writer):
+            for totals in answers(writer):
                 if bar is not None:
                     bar.set_postfix_str(_rates(totals), refresh=False)
                     bar.update(1)
@@ -134,7 +143,28 @@ def _cmd_generate_file(args: argparse.Namespace, config: BiLDConfig, where, smal
             if bar is not None:
                 bar.close()
     print(_file_summary(totals, skipped, len(records), args.output, interrupted))
+    refused = getattr(totals, "refused", None)
+    if refused:
+        first = min(refused)
+        raise UsageError(f"{len(refused)} prompt(s) of {args.input} were refused, not answered; "
+                         f"line {first}: {refused[first]}")
     return 130 if interrupted else 0
+
+
+def _ray_answers(args: argparse.Namespace, todo, config: BiLDConfig):
+    """--ray: the pending records on Ray Data, one engine per worker (bild.batch_ray)."""
+    from bild.extras import require
+
+    require("ray", "bild generate --ray")
+    from bild.batch_ray import EngineSpec, RayRun, answer_on_ray
+
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    small = None if args.small is not None and args.small.lower() == "none" else args.small
+    spec = EngineSpec(large=args.large, small=small, device=args.device, dtype=args.dtype, device_map=args.device_map,
+                      small_device=args.small_device, threads=args.threads, chat=args.chat)
+    run = RayRun(workers=args.workers, num_cpus=float(args.threads or 1), address=args.ray_address)
+    return partial(answer_on_ray, todo, spec, config, run=run)
 
 
 def _file_progress(args: argparse.Namespace, total: int, skipped: int):
@@ -241,6 +271,11 @@ def register(subparsers) -> None:
     generate.add_argument("--input", type=Path, help="a JSONL file of prompts (see below); needs --output")
     generate.add_argument("--output", type=Path, help="JSONL answers, appended as they finish; a rerun resumes")
     generate.add_argument("--no-progress", action="store_true", help="no progress bar with --input")
+    generate.add_argument("--ray", action="store_true",
+                          help="answer --input on Ray Data, one engine per worker (pip install 'bild[ray]')")
+    generate.add_argument("--workers", type=int, default=1, help="Ray Data workers with --ray (default: %(default)s)")
+    generate.add_argument("--threads", type=int, help="torch CPU threads (per worker with --ray; default: torch's)")
+    generate.add_argument("--ray-address", help="with --ray: join this cluster (default: start a local Ray)")
     add_model_arguments(generate)
     add_device_arguments(generate)
     add_decoding_arguments(generate)
