@@ -27,7 +27,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, small_default: str | No
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """--device, --dtype, --device-map and --small-device; read them back with :func:`placement_from_args`."""
-    group = parser.add_argument_group("devices") if hasattr(parser, "add_argument_group") else parser
+    group = parser.add_argument_group("devices")
     group.add_argument("--device", default="auto",
                        help=f"{DEVICE_CHOICES}; auto = cuda when available, then mps, else cpu (default: %(default)s)")
     group.add_argument("--dtype", default="auto",
