@@ -95,14 +95,14 @@ def provenance(script: str, argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": {"start": [round(value, 2) for value in os.getloadavg()], "end": None, "note": LOAD_NOTE},
-        "command": shlex.join(["python", _relative(Path(script)), *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", relative(Path(script)), *(sys.argv[1:] if argv is None else argv)]),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "wall_time_s": None,
         "_started": time.perf_counter(),
     }
 
 
-def _relative(path: Path) -> str:
+def relative(path: Path) -> str:
     path = path.resolve()
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
@@ -188,7 +188,7 @@ def main_guard(main: Callable[[list[str] | None], int], argv: list[str] | None =
     try:
         return main(argv)
     except (BenchmarkError, ValueError) as error:
-        print(f"{Path(sys.argv[0]).name}: error: {error}", file=sys.stderr)
+        print(f"{Path(main.__code__.co_filename).name}: error: {error}", file=sys.stderr)
         return 2
 
 
@@ -224,9 +224,10 @@ def run_repeats(run_once: Callable, repeats: int, examples: int, label: str) -> 
 
 
 def run_harness(question: str, script: str, args: argparse.Namespace, argv: list[str] | None, config,
-                build_methods: Callable[[object], dict]) -> int:
+                build_methods: Callable[[object], dict], before: Callable[[object], dict] | None = None) -> int:
     """The whole run of a harness-based script: data, stamp, models, ``build_methods(context)`` (vanilla first),
-    repeats, the table on stdout and one new result file."""
+    repeats, the table on stdout and one new result file. ``before(context)``: measurements made after loading and
+    before the repeats, added to the results."""
     from bild.decoding import BiLD
     from bild.eval.harness import run_methods
     from bild.eval.methods import MethodContext
@@ -240,15 +241,16 @@ def run_harness(question: str, script: str, args: argparse.Namespace, argv: list
     engine = BiLD(pair)
     context = MethodContext(pair=pair, engine=engine, config=config, draft_window=getattr(args, "draft_window", 5))
     methods = build_methods(context)
+    measured = before(context) if before is not None else {}
 
     def once(warmup: int, progress: Callable) -> object:
         return run_methods(pair, engine, dataset, methods, config, warmup=warmup, on_progress=progress)
 
     runs = run_repeats(once, args.repeats, len(dataset.examples), f"{len(methods)} methods x {args.repeats}")
-    results = harness_results(runs, dataset)
+    results = {**measured, **harness_results(runs, dataset)}
     print_table(results)
     write_result(path, question, stamp, settings_of(args), results)
-    print(f"result: {_relative(path)}", file=sys.stderr)
+    print(f"result: {relative(path)}", file=sys.stderr)
     return 0
 
 
