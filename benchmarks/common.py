@@ -127,7 +127,8 @@ def result_path(question: str, stamp: dict, results_dir: Path = RESULTS_DIR) -> 
 
 
 def write_result(path: Path, question: str, stamp: dict, settings: dict, results: dict) -> Path:
-    """Write one run's JSON (``open(..., "x")``: fails rather than replace a file that appeared meanwhile)."""
+    """Write one run's JSON and say where (``open(..., "x")``: fails rather than replace a file that appeared
+    meanwhile)."""
     data = {"question": question, "provenance": finish(stamp), "settings": settings, "results": results}
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -135,6 +136,7 @@ def write_result(path: Path, question: str, stamp: dict, settings: dict, results
             file.write(json.dumps(data, indent=1, allow_nan=False) + "\n")
     except FileExistsError:
         raise BenchmarkError(f"result file {path} exists; results are never overwritten") from None
+    print(f"result: {relative(path)}", file=sys.stderr)
     return path
 
 
@@ -250,7 +252,6 @@ def run_harness(question: str, script: str, args: argparse.Namespace, argv: list
     results = {**measured, **harness_results(runs, dataset)}
     print_table(results)
     write_result(path, question, stamp, settings_of(args), results)
-    print(f"result: {relative(path)}", file=sys.stderr)
     return 0
 
 

@@ -111,7 +111,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{label:34s} agreement {row['agreement']:.4f}  step {row['step_ms']['median']:6.1f} ms = "
               f"{ratio['median']:.1%} of the large model's [{ratio['min']:.1%}-{ratio['max']:.1%}]")
     write_result(path, QUESTION, stamp, settings_of(args), results)
-    print(f"result: {relative(path)}", file=sys.stderr)
     return 0
 
 

@@ -41,7 +41,7 @@ def pass_ms(model, rounds: int, prefix_len: int = 150) -> dict[str, dict[int, li
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(100, model.config.vocab_size, (1, prefix_len + max(WIDTHS)), generator=generator)
+    ids = torch.randint(0, model.config.vocab_size, (1, prefix_len + max(WIDTHS)), generator=generator)
     with torch.inference_mode():
         prefix_cache = model(ids[:, :prefix_len], use_cache=True).cache
     times = {arm: {width: [] for width in WIDTHS} for arm in ("off", "on")}

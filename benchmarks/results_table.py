@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -112,6 +113,9 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def method_label(name: str, config: dict) -> str:
+    lossless = re.fullmatch(r"bild-lossless ([\d.]+)/(\d+)", name)  # lossless.py's "bild-lossless <alpha_FB>/<N>"
+    if lossless:
+        return f"BiLD lossless (alpha_RB 0, alpha_FB {lossless[1]} / N {lossless[2]})"
     label = METHOD_LABELS.get(name, name)
     if name in ("bild", "bild-no-fallback", "bild-no-rollback"):
         rollback = config["rollback_threshold"]
@@ -132,16 +136,16 @@ def headline(chosen: dict, base: Path) -> list[str]:
     rows, notes = [], []
     header = ["method", "speedup over the large model alone", "ROUGE-L", "exact match with the large model",
               "tokens per large pass", "script"]
-    for question, prefix in (("paper-table", ""), ("lossless", "")):
+    for question in ("paper-table", "lossless"):
         if question not in chosen:
             continue
         source, data = chosen[question]
         results = data["results"]
         script = link(QUESTIONS[question][0], BENCHMARKS / QUESTIONS[question][0], base)
         for name, method in results["methods"].items():
-            if question == "lossless" and name == "vanilla":
-                continue  # the paper-table row already gives the baseline
-            rows.append([prefix + method_label(name, results["config"]), speed(method["speedup"], source, base),
+            if question == "lossless" and not name.startswith("bild-lossless"):
+                continue  # the paper's-thresholds run already has the baseline and the other methods
+            rows.append([method_label(name, results["config"]), speed(method["speedup"], source, base),
                          number(method["rougeL"], source, base, 1), number(method["exact_match"], source, base),
                          number(method["tokens_per_large_pass"], source, base), script])
         notes.append(f"{QUESTIONS[question][0]}: {harness_setting(results, data)}. " + stamp_line(data, source, base))
@@ -180,12 +184,12 @@ def section_sweep(source: Path, data: dict, base: Path) -> list[str]:
              f"vanilla quality {results['vanilla']['quality']:.2f} ({results['metric']}).", ""]
     lines += table(["series", "alpha_FB", "alpha_RB", results["metric"], "speedup", "rep-4", "tokens per large pass"], rows)
     for series, picks in results["picks"].items():
-        for key, label in (("no_loss", "no quality loss"), ("within_1", "within one point")):
+        for key, label in (("no_loss", "with no quality loss"), ("within_1", "within one point of vanilla")):
             point = picks[key]
             pick = "none" if point is None else (
                 f"alpha_FB {point['fallback_threshold']:g} / alpha_RB {point['rollback_threshold']:g}, "
                 f"{speed(point['speedup'], source, base)}")
-            lines.append(f"- {series}, fastest with {label}: {pick}")
+            lines.append(f"- {series}, fastest {label}: {pick}")
     plot = REPO / results["plot"] if results.get("plot") else None
     if plot is not None and plot.is_file():
         lines += ["", f"![quality against latency]({Path(os.path.relpath(plot, base)).as_posix()})"]

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common import (
     REPO, BenchmarkError, add_docsum_arguments, base_parser, check_arguments, load_dataset, main_guard, provenance,
-    relative, result_path, run_repeats, settings_of, spread, write_result,
+    result_path, run_repeats, settings_of, spread, write_result,
 )
 
 QUESTION = "server-load"
@@ -43,7 +43,8 @@ def start_server(args, port: int, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "bild", "serve", "--large", args.large, "--small", args.small,
                "--port", str(port), "--threads", str(args.threads), "--max-new-tokens", str(args.max_new_tokens),
                "--queue-size", str(args.queue_size), "--log-level", "warning"]
-    server = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    with log.open("w") as output:  # the child keeps its own copy of the file descriptor
+        server = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + args.startup_timeout
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -156,7 +157,6 @@ def main(argv: list[str] | None = None) -> int:
               f"tok/s, p50 {p50['median'] if p50 else float('nan'):.2f} s, p95 {p95['median'] if p95 else float('nan'):.2f} s, "
               f"429: {row['refused_429']['median']:g}")
     write_result(path, QUESTION, stamp, settings_of(args), results)
-    print(f"result: {relative(path)}", file=sys.stderr)
     return 0
 
 

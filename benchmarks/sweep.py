@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         point["normalized_latency"] = spread(run.points[index].normalized_latency for run in runs)
         point["tokens_per_s"] = spread(run.points[index].summary.tokens_per_s for run in runs)
         point["time_s"] = spread(run.points[index].summary.time_s for run in runs)
+    for series, picks in results["picks"].items():  # the picks as the points above, with their spreads
+        for key, pick in picks.items():
+            if pick is not None:
+                picks[key] = next(point for point in results["points"] if point["series"] == series and
+                                  (point["fallback_threshold"], point["rollback_threshold"]) ==
+                                  (pick["fallback_threshold"], pick["rollback_threshold"]))
     plot_path = path.with_suffix(".png")
     print(f"{dataset.name}, n={medians.n}, {len(runs)} repeats, vanilla {medians.vanilla_quality:.2f}")
     for point in results["points"]:
@@ -95,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
               f"quality {point['quality']:6.2f}  {speed['median']:.2f}x [{speed['min']:.2f}-{speed['max']:.2f}]")
     write_result(path, QUESTION, stamp, settings_of(args), {**results, "plot": relative(plot_path)})
     plot(medians, plot_path, title=f"{dataset.name}, n={medians.n}: quality vs latency (median of {len(runs)})")
-    print(f"result: {relative(path)}, plot: {relative(plot_path)}", file=sys.stderr)
+    print(f"plot: {relative(plot_path)}", file=sys.stderr)
     return 0
 
 
