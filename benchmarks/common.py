@@ -221,6 +221,8 @@ def run_repeats(run_once: Callable, repeats: int, examples: int, label: str) -> 
             bar.close()
             raise KeyboardInterrupt
         runs.append(result)
+        bar.n = (repeat + 1) * examples
+        bar.refresh()
     bar.close()
     return runs
 

@@ -135,10 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
             level(1, 1)  # warm-up, untimed
 
-            def once(_warmup: int, progress) -> dict:
-                figures = {clients: level(clients, args.requests) for clients in levels}
-                progress(1, 1, {})
-                return figures
+            def once(_warmup: int, _progress) -> dict:
+                return {clients: level(clients, args.requests) for clients in levels}
 
             runs = run_repeats(once, args.repeats, 1, f"{len(levels)} levels x {args.repeats}")
         finally:
