@@ -28,8 +28,9 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
 MIN_REPEATS = 3
-LOAD_NOTE = ("1/5/15-minute load averages of the whole machine at the start and end of the run; the machine is shared, "
-             "so a load above the torch thread count means the timed runs competed with other processes for the CPU")
+LOAD_NOTE = ("the whole machine's 1/5/15-minute load averages and CPU pressure (the share of the last 10/60/300 s in "
+             "which some runnable task waited for a CPU) at the start and end of the run; the machine is shared, so a "
+             "load above the torch thread count means the timed runs competed with other processes for the CPU")
 
 
 class BenchmarkError(Exception):
@@ -69,6 +70,17 @@ def _bild_version() -> str | None:
     return found.group(1) if found else None
 
 
+def _load() -> dict:
+    """The machine's load averages and, where Linux reports it, the share of time tasks waited for a CPU (PSI)."""
+    load = {"average": [round(value, 2) for value in os.getloadavg()]}
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()[1:4]  # avg10= avg60= avg300=
+        load["cpu_pressure_pct"] = {key: float(value) for key, value in (part.split("=") for part in some)}
+    except (OSError, IndexError, ValueError):
+        load["cpu_pressure_pct"] = None
+    return load
+
+
 def provenance(script: str, argv: list[str] | None = None) -> dict:
     """Where, when and on what a run was made. Call after ``torch.set_num_threads``; :func:`finish` adds the end.
     ``script``: the running script's ``__file__``; ``argv``: its arguments (default: the command line's)."""
@@ -94,7 +106,7 @@ def provenance(script: str, argv: list[str] | None = None) -> dict:
         "bild_imported_from": str(Path(bild.__file__).resolve().parent),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "load_average": {"start": [round(value, 2) for value in os.getloadavg()], "end": None, "note": LOAD_NOTE},
+        "load": {"start": _load(), "end": None, "note": LOAD_NOTE},
         "command": shlex.join(["python", relative(Path(script)), *(sys.argv[1:] if argv is None else argv)]),
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "wall_time_s": None,
@@ -110,7 +122,7 @@ def relative(path: Path) -> str:
 def finish(stamp: dict) -> dict:
     """The stamp with the end-of-run load average and the wall time."""
     stamp = dict(stamp)
-    stamp["load_average"] = {**stamp["load_average"], "end": [round(value, 2) for value in os.getloadavg()]}
+    stamp["load"] = {**stamp["load"], "end": _load()}
     stamp["wall_time_s"] = round(time.perf_counter() - stamp.pop("_started"), 1)
     return stamp
 

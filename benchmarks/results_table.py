@@ -98,9 +98,9 @@ def number(value, source: Path, base: Path, digits: int = 2, suffix: str = "") -
 def stamp_line(data: dict, source: Path, base: Path) -> str:
     """Where a file's figures come from, in one line."""
     stamp = data["provenance"]
-    git, load = stamp["git"], stamp["load_average"]
+    git, load = stamp["git"], stamp["load"]
     commit = (git.get("commit") or "unknown")[:7] + (" + uncommitted changes" if git.get("dirty") else "")
-    start, end = load.get("start") or ["?"], load.get("end") or ["?"]
+    start, end = (load[when]["average"] if load.get(when) else ["?"] for when in ("start", "end"))
     minutes = f", {stamp['wall_time_s'] / 60:.0f} min" if stamp.get("wall_time_s") else ""
     return (f"File {link(source.name, source, base)}: `{stamp['command']}`; commit {commit}, {stamp['date_utc']}, "
             f"torch {stamp['versions']['torch']}, transformers {stamp['versions']['transformers']}, "

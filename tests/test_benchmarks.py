@@ -56,11 +56,11 @@ def test_provenance_names_the_commit_weights_versions_and_machine():
     assert re.fullmatch(r"[0-9a-f]{64}", stamp["drafter_weights_sha256"]["aligned.safetensors"])
     assert stamp["versions"]["torch"] == torch.__version__ and stamp["versions"]["bild"]
     assert stamp["cpu_count"] == os.cpu_count() and stamp["torch_threads"] == torch.get_num_threads()
-    assert len(stamp["load_average"]["start"]) == 3 and stamp["load_average"]["end"] is None
+    assert len(stamp["load"]["start"]["average"]) == 3 and stamp["load"]["end"] is None
     assert stamp["command"] == "python benchmarks/paper_table.py --limit 3"
     datetime.strptime(stamp["date_utc"], "%Y-%m-%dT%H:%M:%SZ")
     done = common.finish(stamp)
-    assert len(done["load_average"]["end"]) == 3 and done["wall_time_s"] >= 0 and "_started" not in done
+    assert len(done["load"]["end"]["average"]) == 3 and done["wall_time_s"] >= 0 and "_started" not in done
 
 
 def test_a_result_file_is_written_once_and_never_overwritten(tmp_path):
@@ -127,7 +127,7 @@ def test_paper_table_runs_repeats_and_stamps_them(tiny_run):
     assert results["methods"]["bild-lossless"]["exact_match"] == 1.0  # alpha_RB = 0 is the large model's output
     assert results["methods"]["speculative"]["exact_match"] == 1.0
     assert len(results["examples"]) == 3 * 4 and all(len(row["time_s"]) == 3 for row in results["examples"])
-    assert data["provenance"]["torch_threads"] == 1 and data["provenance"]["load_average"]["end"]
+    assert data["provenance"]["torch_threads"] == 1 and data["provenance"]["load"]["end"]["average"]
 
 
 def test_results_table_writes_results_md_and_the_readme_block(tiny_run, tmp_path):
