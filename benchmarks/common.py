@@ -17,6 +17,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -111,6 +112,7 @@ def provenance(script: str, argv: list[str] | None = None) -> dict:
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "wall_time_s": None,
         "_started": time.perf_counter(),
+        "_sampler": LoadSampler(),
     }
 
 
@@ -119,10 +121,31 @@ def relative(path: Path) -> str:
     return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
+class LoadSampler:
+    """The machine's 1-minute load average every ``interval`` seconds while a run lasts (a daemon thread)."""
+
+    def __init__(self, interval: float = 15.0) -> None:
+        self.samples = [os.getloadavg()[0]]
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.samples.append(os.getloadavg()[0])
+
+    def stop(self) -> dict:
+        self._stop.set()
+        return {**spread(round(value, 2) for value in self.samples), "interval_s": self.interval}
+
+
 def finish(stamp: dict) -> dict:
-    """The stamp with the end-of-run load average and the wall time."""
+    """The stamp with the end-of-run load, the load sampled during the run, and the wall time."""
     stamp = dict(stamp)
-    stamp["load"] = {**stamp["load"], "end": _load()}
+    sampler = stamp.pop("_sampler", None)
+    stamp["load"] = {**stamp["load"], "end": _load(),
+                     "one_minute_during_run": sampler.stop() if sampler is not None else None}
     stamp["wall_time_s"] = round(time.perf_counter() - stamp.pop("_started"), 1)
     return stamp
 

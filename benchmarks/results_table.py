@@ -100,12 +100,14 @@ def stamp_line(data: dict, source: Path, base: Path) -> str:
     stamp = data["provenance"]
     git, load = stamp["git"], stamp["load"]
     commit = (git.get("commit") or "unknown")[:7] + (" + uncommitted changes" if git.get("dirty") else "")
-    start, end = (load[when]["average"] if load.get(when) else ["?"] for when in ("start", "end"))
+    start, end = (load[when]["average"][0] if load.get(when) else "?" for when in ("start", "end"))
+    during = load.get("one_minute_during_run")
+    during = f", median {during['median']:.1f} (max {during['max']:.1f}) during the run" if during else ""
     minutes = f", {stamp['wall_time_s'] / 60:.0f} min" if stamp.get("wall_time_s") else ""
     return (f"File {link(source.name, source, base)}: `{stamp['command']}`; commit {commit}, {stamp['date_utc']}, "
             f"torch {stamp['versions']['torch']}, transformers {stamp['versions']['transformers']}, "
-            f"torch threads {stamp['torch_threads']} on {stamp['cpu_count']} CPUs, load average (1 min) {start[0]} at start "
-            f"and {end[0]} at end on a shared machine{minutes}.")
+            f"torch threads {stamp['torch_threads']} on {stamp['cpu_count']} CPUs; 1-minute load average of the shared "
+            f"machine {start} at start{during}, {end} at end{minutes}.")
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -60,6 +60,7 @@ def test_provenance_names_the_commit_weights_versions_and_machine():
     assert stamp["command"] == "python benchmarks/paper_table.py --limit 3"
     datetime.strptime(stamp["date_utc"], "%Y-%m-%dT%H:%M:%SZ")
     done = common.finish(stamp)
+    assert done["load"]["one_minute_during_run"]["median"] >= 0 and "_sampler" not in done
     assert len(done["load"]["end"]["average"]) == 3 and done["wall_time_s"] >= 0 and "_started" not in done
 
 
