@@ -182,13 +182,12 @@ def spread(values: Iterable[float]) -> dict:
 
 
 # ---- command line ----------------------------------------------------------------------------------------------
-def base_parser(doc: str, repeats: bool = True) -> argparse.ArgumentParser:
+def base_parser(doc: str) -> argparse.ArgumentParser:
     """The arguments every script takes; a script adds its own."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
-    if repeats:
-        parser.add_argument("--repeats", type=int, default=MIN_REPEATS,
-                            help=f"timed repeats, at least {MIN_REPEATS}; figures are their median (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=MIN_REPEATS,
+                        help=f"timed repeats, at least {MIN_REPEATS}; figures are their median (default: %(default)s)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where the result file goes (default: %(default)s)")
     return parser
 
@@ -209,10 +208,11 @@ def check_arguments(args: argparse.Namespace) -> None:
     """Set the threads; refuse impossible values before any model loads."""
     if args.threads < 1:
         raise BenchmarkError(f"--threads must be >= 1, got {args.threads}")
-    if getattr(args, "repeats", MIN_REPEATS) < MIN_REPEATS:
+    if args.repeats < MIN_REPEATS:
         raise BenchmarkError(f"--repeats must be >= {MIN_REPEATS} (timed figures are medians of repeats), got {args.repeats}")
-    if getattr(args, "limit", 1) is not None and getattr(args, "limit", 1) < 1:
-        raise BenchmarkError(f"--limit must be >= 1, got {args.limit}")
+    limit = getattr(args, "limit", None)
+    if limit is not None and limit < 1:
+        raise BenchmarkError(f"--limit must be >= 1, got {limit}")
     torch.set_num_threads(args.threads)
 
 
@@ -221,12 +221,17 @@ def settings_of(args: argparse.Namespace) -> dict:
 
 
 def main_guard(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
-    """Run a script's main; bad input (BenchmarkError, or bild's ValueErrors) is one line on stderr and exit code 2."""
+    """Run a script's main; bad input (BenchmarkError, or bild's ValueErrors) is one line on stderr and exit code 2;
+    Ctrl-C writes nothing and exits with 130."""
+    name = Path(main.__code__.co_filename).name
     try:
         return main(argv)
     except (BenchmarkError, ValueError) as error:
-        print(f"{Path(main.__code__.co_filename).name}: error: {error}", file=sys.stderr)
+        print(f"{name}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; no result file written", file=sys.stderr)
+        return 130
 
 
 # ---- the evaluation harness, repeated --------------------------------------------------------------------------
@@ -252,7 +257,7 @@ def run_repeats(run_once: Callable, repeats: int, examples: int, label: str) -> 
             bar.set_postfix_str(" ".join(f"{name} {value:.2f}x" for name, value in best), refresh=True)
 
         result = run_once(1 if repeat == 0 else 0, progress)
-        if getattr(result[0] if isinstance(result, tuple) else result, "interrupted", False):
+        if getattr(result, "interrupted", False):  # the harness stops at Ctrl-C and keeps what it has
             bar.close()
             raise KeyboardInterrupt
         runs.append(result)
