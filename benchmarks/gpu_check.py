@@ -20,10 +20,7 @@ Run from the repository root (``PYTHONPATH=src`` unless bild is installed).
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +33,7 @@ from bild.decoding import BiLD
 from bild.devices import PlacementError, resolve_device
 from bild.eval.datasets import load_dataset
 from bild.models import DEFAULT_LARGE, DEFAULT_SMALL, load_pair
+from common import provenance, result_path, write_result
 
 METHODS = ("vanilla", "bild", "lossless")
 REPO = Path(__file__).resolve().parent.parent
@@ -69,31 +67,6 @@ class DtypeResult:
             row[f"{name}_rollback_rate"] = totals.rollbacks / max(totals.tokens, 1)
         row["lossless_exact"] = self.totals["lossless"].equal_to_vanilla == n
         return row
-
-
-def stamp(device: torch.device) -> dict:
-    """Where a result comes from: commit, date, versions, machine."""
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return "unknown"
-
-    import transformers
-
-    return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
-        "transformers": transformers.__version__,
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "threads": torch.get_num_threads(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-    }
 
 
 def cpu_name() -> str:
@@ -179,7 +152,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per dtype (default: %(default)s)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", type=Path, help="JSON result (default: benchmarks/gpu-check-<device>.json)")
+    parser.add_argument("--out", type=Path, help="JSON result (default: benchmarks/results/gpu-check-<device>-<date>-<commit>.json)")
     return parser.parse_args(argv)
 
 
@@ -195,19 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [name.strip() for name in args.dtypes.split(",") if name.strip()]
     dataset = load_dataset(args.dataset, limit=args.prompts)
     prompts = [dataset.prompt(example) for example in dataset.examples]
-    info = stamp(device)
-    header = (f"{args.large} + {args.small} on {info['device']} ({info['device_name']}), torch {info['torch']}, "
+    stamp = provenance(__file__, argv)
+    info = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+            "cuda": torch.version.cuda}
+    header = (f"{args.large} + {args.small} on {info['device']} ({info['device_name']}), torch {torch.__version__}, "
               f"{len(prompts)} {args.dataset} prompts, max_new_tokens {args.max_new_tokens}; BiLD at alpha_FB 0.6, "
               f"alpha_RB 5, N 10; lossless = alpha_RB 0")
     print(header, file=sys.stderr)
     results = [run_dtype(args, dtype, prompts) for dtype in dtypes]
     rows = [result.row(len(prompts)) for result in results]
     print(format_table(rows, header))
-    out = args.out or REPO / "benchmarks" / f"gpu-check-{device.type}.json"
-    payload = {"stamp": info, "settings": {key: str(value) for key, value in vars(args).items()}, "rows": rows,
-               "per_prompt": {result.dtype: result.prompts for result in results}}
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"saved: {out}", file=sys.stderr)
+    out = args.out or result_path(f"gpu-check-{device.type}", stamp)
+    write_result(out, f"gpu-check-{device.type}", stamp, {key: str(value) for key, value in vars(args).items()},
+                 {"device": info, "rows": rows, "per_prompt": {result.dtype: result.prompts for result in results}})
     return 0 if all(row["lossless_exact"] for row in rows) else 1
 
 
