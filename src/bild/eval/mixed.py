@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import gettext
 import hashlib
-import json
 import random
 import re
 import sys
 from pathlib import Path
 from typing import Iterator
+
+from bild.eval.docsum import write_examples
 
 PER_KIND = 24
 KINDS = ("translate", "summarize", "question", "passage", "arithmetic", "write")
@@ -71,13 +72,7 @@ def build(path: Path) -> int:
     short = [kind for kind, count in counts.items() if count < PER_KIND]
     if short:
         raise MixedSourcesMissing(f"too few examples of kind {', '.join(short)} on this machine ({counts})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    with partial.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    partial.replace(path)
-    return len(rows)
+    return write_examples(path, rows)
 
 
 # ---- sources ---------------------------------------------------------------------------------------------------
