@@ -18,6 +18,7 @@ from transformers import GenerationConfig
 
 from bild.config import BiLDConfig, GenerationResult, GenerationStats
 from bild.decoding import BiLD
+from bild.devices import input_device
 from bild.models import LoadedModel, ModelPair
 
 DEFAULT_DRAFT_WINDOW = 5  # draft tokens per large pass of the fixed-window speculative baseline
@@ -98,7 +99,7 @@ def _hf_generate(large: LoadedModel, request: Request, max_new_tokens: int, assi
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad)
     extra = {"assistant_model": assistant.model} if assistant is not None else {}
     start = time.perf_counter()
-    input_ids = torch.tensor([request.prompt_ids], device=large.model.device)  # (1, prompt_len)
+    input_ids = torch.tensor([request.prompt_ids], device=input_device(large.model))  # (1, prompt_len)
     with torch.inference_mode():
         sequences = large.model.generate(
             input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config, **extra
