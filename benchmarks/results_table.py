@@ -95,8 +95,9 @@ def number(value, source: Path, base: Path, digits: int = 2, suffix: str = "") -
     return "-" if value is None else link(f"{value:.{digits}f}{suffix}", source, base)
 
 
-def stamp_line(data: dict, source: Path, base: Path) -> str:
-    """Where a file's figures come from, in one line."""
+def stamp_line(data: dict, source: Path, base: Path, dated: bool = True) -> str:
+    """Where a file's figures come from, in one line (``dated``: with the run's date and the machine's load; the
+    README's table leaves them to the file)."""
     stamp = data["provenance"]
     git, load = stamp["git"], stamp["load"]
     commit = (git.get("commit") or "unknown")[:7] + (" + uncommitted changes" if git.get("dirty") else "")
@@ -104,10 +105,12 @@ def stamp_line(data: dict, source: Path, base: Path) -> str:
     during = load.get("one_minute_during_run")
     during = f", median {during['median']:.1f} (max {during['max']:.1f}) during the run" if during else ""
     minutes = f", {stamp['wall_time_s'] / 60:.0f} min" if stamp.get("wall_time_s") else ""
+    versions = (f"torch {stamp['versions']['torch']}, transformers {stamp['versions']['transformers']}, "
+                f"torch threads {stamp['torch_threads']} on {stamp['cpu_count']} CPUs")
+    if not dated:
+        return f"File {link(source.name, source, base)}: `{stamp['command']}`; commit {commit}, {versions}."
     return (f"File {link(source.name, source, base)}: `{stamp['command']}`; commit {commit}, {stamp['date_utc']}, "
-            f"torch {stamp['versions']['torch']}, transformers {stamp['versions']['transformers']}, "
-            f"torch threads {stamp['torch_threads']} on {stamp['cpu_count']} CPUs; 1-minute load average of the shared "
-            f"machine {start} at start{during}, {end} at end{minutes}.")
+            f"{versions}; 1-minute load average of the shared machine {start} at start{during}, {end} at end{minutes}.")
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -150,7 +153,9 @@ def headline(chosen: dict, base: Path) -> list[str]:
             rows.append([method_label(name, results["config"]), speed(method["speedup"], source, base),
                          number(method["rougeL"], source, base, 1), number(method["exact_match"], source, base),
                          number(method["tokens_per_large_pass"], source, base), script])
-        notes.append(f"{QUESTIONS[question][0]}: {harness_setting(results, data)}. " + stamp_line(data, source, base))
+        policy = results["config"].get("policy", "fixed")  # runs made before the adaptive policy used Algorithm 1
+        notes.append(f"{QUESTIONS[question][0]}: {harness_setting(results, data)}, BiLD's {policy} policy. "
+                     + stamp_line(data, source, base, dated=False))
     if not rows:
         return ["No results yet: run `python benchmarks/paper_table.py` (see benchmarks/README.md)."]
     return table(header, rows) + [""] + [f"- {note}" for note in notes]
