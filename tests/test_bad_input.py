@@ -8,6 +8,7 @@ test_serve.py.
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import re
@@ -32,9 +33,19 @@ def no_model_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
 
+    # Modules that bind load_model at import are imported (and patched) first: imported while the patch is on, they
+    # would keep `refuse` after the test and break every later test that loads a model through them.
+    for name in BINDS_LOADERS:
+        module = importlib.import_module(name)
+        for loader in ("load_model", "load_pair"):
+            if hasattr(module, loader):
+                monkeypatch.setattr(module, loader, refuse)
     monkeypatch.setattr(bild.models, "load_model", refuse)
     monkeypatch.setattr(bild.models, "load_pair", refuse)
     monkeypatch.setattr("bild.train.early_exit.train_exits", refuse)
+
+
+BINDS_LOADERS = ("bild.drafters.little", "bild.drafters.early_exit", "bild.train.little", "bild.train.early_exit")
 
 
 def assert_one_line_exit_2(argv: list[str], message: str, capsys) -> str:
