@@ -17,7 +17,8 @@ import sys
 from common import BenchmarkError, add_docsum_arguments, base_parser, check_arguments, main_guard, run_harness
 
 QUESTION = "paper-table"
-PAPER_METHODS = "vanilla,bild,bild-lossless,hf-assisted,speculative,small,bild-no-rollback,bild-no-fallback"
+PAPER_METHODS = ("vanilla,bild,bild-fixed,bild-lossless,bild-lossless-fixed,hf-assisted,speculative,small,"
+                 "bild-no-rollback,bild-no-fallback")
 
 
 def main(argv: list[str] | None = None) -> int:

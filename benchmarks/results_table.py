@@ -35,6 +35,8 @@ METHOD_LABELS = {
     "vanilla": "large model alone (transformers `generate`)",
     "bild": "BiLD",
     "bild-lossless": "BiLD lossless (alpha_RB 0)",
+    "bild-fixed": "BiLD, fixed policy (Algorithm 1)",
+    "bild-lossless-fixed": "BiLD lossless, fixed policy",
     "hf-assisted": "transformers assisted generation (same small model)",
     "speculative": "speculative decoding (fixed window)",
     "small": "small model alone",
@@ -122,7 +124,7 @@ def method_label(name: str, config: dict) -> str:
     if lossless:
         return f"BiLD lossless (alpha_RB 0, alpha_FB {lossless[1]} / N {lossless[2]})"
     label = METHOD_LABELS.get(name, name)
-    if name in ("bild", "bild-no-fallback", "bild-no-rollback"):
+    if name in ("bild", "bild-fixed", "bild-no-fallback", "bild-no-rollback"):
         rollback = config["rollback_threshold"]
         rollback = rollback if isinstance(rollback, str) else f"{rollback:g}"
         label += f" (alpha_FB {config['fallback_threshold']:g} / alpha_RB {rollback} / N {config['max_small_steps']})"
