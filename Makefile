@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test little bench clean
+.PHONY: setup demo test little clean
 
 setup: $(STAMP)
 

@@ -31,19 +31,24 @@ QUESTIONS = {
     "kernels": ("kernels.py", "What do bild's CPU kernels buy?"),
     "server-load": ("server_load.py", "How does `bild serve` hold up under concurrent clients?"),
 }
+# method -> its label; {fb} {rb} {n} {window} are the run's alpha_FB, alpha_RB, N and speculative draft window
+HEADLINE_METHODS = {  # question -> the methods in the headline table (a regular expression on their names)
+    "paper-table": r"vanilla|bild|bild-fixed|bild-lossless|bild-lossless-fixed|hf-assisted|speculative",
+    "lossless": r"bild-lossless .+",  # the paper's-thresholds run already has the baseline and the others
+}
 METHOD_LABELS = {
     "vanilla": "large model alone (transformers `generate`)",
-    "bild": "BiLD",
-    "bild-lossless": "BiLD lossless (alpha_RB 0)",
-    "bild-fixed": "BiLD, fixed policy (Algorithm 1)",
-    "bild-lossless-fixed": "BiLD lossless, fixed policy",
+    "bild": "BiLD (alpha_FB {fb} / alpha_RB {rb} / N {n})",
+    "bild-lossless": "BiLD lossless (alpha_FB {fb} / alpha_RB 0 / N {n})",
+    "bild-fixed": "BiLD, fixed policy (alpha_FB {fb} / alpha_RB {rb} / N {n})",
+    "bild-lossless-fixed": "BiLD lossless, fixed policy (alpha_FB {fb} / alpha_RB 0 / N {n})",
     "hf-assisted": "transformers assisted generation (same small model)",
-    "speculative": "speculative decoding (fixed window)",
+    "speculative": "speculative decoding (window {window}, exact-match check)",
     "small": "small model alone",
-    "bild-no-rollback": "BiLD without rollback (ablation)",
-    "bild-no-fallback": "BiLD without fallback (ablation)",
+    "bild-no-rollback": "BiLD without rollback (alpha_FB {fb} / alpha_RB inf / N {n}, no repetition guard)",
+    "bild-no-fallback": "BiLD without fallback (alpha_FB 0 / alpha_RB {rb} / N {n})",
     "vanilla-loop": "large model alone (bild's loop)",
-    "bild-early-exit": "BiLD drafting with an early exit",
+    "bild-early-exit": "BiLD drafting with an early exit (alpha_FB {fb} / alpha_RB {rb} / N {n})",
 }
 
 
@@ -119,27 +124,28 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(row) + " |" for row in rows]
 
 
-def method_label(name: str, config: dict) -> str:
+def method_label(name: str, data: dict) -> str:
     lossless = re.fullmatch(r"bild-lossless ([\d.]+)/(\d+)", name)  # lossless.py's "bild-lossless <alpha_FB>/<N>"
     if lossless:
-        return f"BiLD lossless (alpha_RB 0, alpha_FB {lossless[1]} / N {lossless[2]})"
-    label = METHOD_LABELS.get(name, name)
-    if name in ("bild", "bild-fixed", "bild-no-fallback", "bild-no-rollback"):
-        rollback = config["rollback_threshold"]
-        rollback = rollback if isinstance(rollback, str) else f"{rollback:g}"
-        label += f" (alpha_FB {config['fallback_threshold']:g} / alpha_RB {rollback} / N {config['max_small_steps']})"
-    return label
+        return f"BiLD lossless (alpha_FB {lossless[1]} / alpha_RB 0 / N {lossless[2]})"
+    config = data["results"]["config"]
+    rollback = config["rollback_threshold"]
+    return METHOD_LABELS.get(name, name).format(
+        fb=f"{config['fallback_threshold']:g}", rb=rollback if isinstance(rollback, str) else f"{rollback:g}",
+        n=config["max_small_steps"], window=data["settings"].get("draft_window", "?"))
 
 
 def harness_setting(results: dict, data: dict) -> str:
-    return (f"{results['dataset']}, {results['n']} examples, {results['config']['max_new_tokens']} new tokens, greedy, "
-            f"median of {results['repeats']} repeats (min-max)")
+    guard = results["config"].get("repeat_ngram")
+    guard = f", bild's repetition guard at {guard}-grams" if guard else ", no repetition guard"
+    return (f"{results['dataset']}, {results['n']} examples, {results['config']['max_new_tokens']} new tokens, greedy"
+            f"{guard}, median of {results['repeats']} repeats (min-max)")
 
 
 # ---- the headline ----------------------------------------------------------------------------------------------
 def headline(chosen: dict, base: Path) -> list[str]:
-    """The README table: the paper's-thresholds run and lossless mode; figures link to their files, links relative
-    to ``base`` (the folder of the file the table goes into)."""
+    """The README table: the main methods of the paper's-thresholds run and lossless mode; figures link to their
+    files, links relative to ``base`` (the folder of the file the table goes into)."""
     rows, notes = [], []
     header = ["method", "speedup over the large model alone", "ROUGE-L", "exact match with the large model",
               "tokens per large pass", "script"]
@@ -150,9 +156,9 @@ def headline(chosen: dict, base: Path) -> list[str]:
         results = data["results"]
         script = link(QUESTIONS[question][0], BENCHMARKS / QUESTIONS[question][0], base)
         for name, method in results["methods"].items():
-            if question == "lossless" and not name.startswith("bild-lossless"):
-                continue  # the paper's-thresholds run already has the baseline and the other methods
-            rows.append([method_label(name, results["config"]), speed(method["speedup"], source, base),
+            if not re.fullmatch(HEADLINE_METHODS[question], name):
+                continue  # RESULTS.md's sections have the rest
+            rows.append([method_label(name, data), speed(method["speedup"], source, base),
                          number(method["rougeL"], source, base, 1), number(method["exact_match"], source, base),
                          number(method["tokens_per_large_pass"], source, base), script])
         policy = results["config"].get("policy", "fixed")  # runs made before the adaptive policy used Algorithm 1
@@ -170,7 +176,7 @@ def section_paper_table(source: Path, data: dict, base: Path) -> list[str]:
     for name, method in results["methods"].items():
         rate = (f"{method['fallback_rate']:.2f} / {method['rollback_rate']:.2f}"
                 if method["fallback_rate"] is not None else "-")
-        rows.append([method_label(name, results["config"]), speed(method["speedup"], source, base),
+        rows.append([method_label(name, data), speed(method["speedup"], source, base),
                      number(method["tokens_per_s"]["median"], source, base, 1), number(method["rougeL"], source, base, 1),
                      number(method["rep4"], source, base, 1), number(method["exact_match"], source, base), rate,
                      number(method["tokens_per_large_pass"], source, base),

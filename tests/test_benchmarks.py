@@ -144,7 +144,7 @@ def test_results_table_writes_results_md_and_the_readme_block(tiny_run, tmp_path
     link = os.path.relpath(path, tmp_path)
     bild = data["results"]["methods"]["bild"]["speedup"]
     assert f"[{bild['median']:.2f}x]({link}) ({bild['min']:.2f}-{bild['max']:.2f})" in text
-    assert "| BiLD lossless (alpha_RB 0) | [" in text and f"[1.00]({link})" in text  # its exact match
+    assert "| BiLD lossless (alpha_FB 0.6 / alpha_RB 0 / N 10) | [" in text and f"[1.00]({link})" in text  # its exact match
     results_md = out.read_text()
     assert f"[{bild['median']:.2f}x]({link})" in results_md and "No result yet: `python benchmarks/sweep.py`" in results_md
     assert results_table.main(argv) == 0 and readme.read_text() == text  # regenerating changes nothing

@@ -11,7 +11,7 @@ CPU (AVX-512, 2 threads) two things made such a block cost far more than a one-t
   after a prompt; a one-token step avoids the copy. ``enable_gqa=True`` gives the same numbers without the copy
   (:func:`gqa_sdpa_attention`).
 
-Measured side by side in one run (`benchmarks/kernels-ab.log`, SmolLM2-135M, 150 cached tokens, 2 threads), a large
+Measured side by side in one run (SmolLM2-135M, 150 cached tokens, 2 threads; `benchmarks/kernels.py` measures it again), a large
 pass over k tokens in units of a one-token step on PyTorch's own kernels: k = 2: 1.10x -> 1.06x; k = 4-6:
 1.83-1.88x -> 1.39-1.46x; k = 8-11: 2.20-2.45x (1.86-1.96x with the earlier ``W @ x^T`` choice) -> 1.57-1.65x.
 One-row steps (what vanilla decoding does) and long prompts keep PyTorch's own path; the weights are the same

@@ -18,7 +18,7 @@ EVAL_EPILOG = """\
 examples:
   bild eval --dataset docsum --limit 40                       # the default pair on the built-in set
   bild eval --dataset docsum --limit 40 --methods vanilla,bild,bild-lossless,hf-assisted,speculative,small,\\
-bild-no-rollback,bild-no-fallback --json-out benchmarks/eval.json --out-dir benchmarks/eval
+bild-no-rollback,bild-no-fallback --json-out eval.json --out-dir eval-run
   bild eval --dataset my.jsonl --prompt-template 'Summarize in one sentence:\\n{source}' --rollback-threshold 3
   bild eval --dataset xsum --limit 100                        # needs: pip install 'bild[datasets]' and the Hub
 
@@ -33,7 +33,7 @@ SWEEP_EPILOG = """\
 examples:
   bild sweep --dataset docsum --limit 20                      # the paper's summarization grid, default pair
   bild sweep --dataset docsum --limit 20 --small-unaligned smollm2-little-unaligned \\
-      --fallback-thresholds 0.3,0.5 --rollback-thresholds 2,4 --json-out benchmarks/sweep.json --plot benchmarks/sweep.png
+      --fallback-thresholds 0.3,0.5 --rollback-thresholds 2,4 --json-out sweep.json --plot sweep.png
 
 Prints the Table 1 picks: the fastest point with no quality loss and the fastest within one point of vanilla.
 """

@@ -161,7 +161,7 @@ def load_little(
     int8 (float32 on a CPU only; other dtypes and devices draft in the dtype as loaded): a per-channel int8 copy of the shared head restricted to the draft vocabulary stored with the
     weights (see bild.drafters.quantize), which cuts the decode step from about 30% of the large model's to about 20%; the
     large model keeps its fp32 original. int8_layers: int8 copies of the decoder layers too (cheaper still, but 1.5
-    points less agreement and slower BiLD at the paper's thresholds: benchmarks/drafting-forms-ab.log). int8=False:
+    points less agreement and slower BiLD at the paper's thresholds). int8=False:
     the fp32 model as trained.
     """
     weights, meta_path = weights_dir / f"{variant}.safetensors", weights_dir / f"{variant}.json"
