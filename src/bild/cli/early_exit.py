@@ -107,16 +107,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 def _cmd_cost(args: argparse.Namespace) -> None:
     from bild.train.early_exit import measure_step_costs
-    from bild.models import DEFAULT_LARGE, load_model
 
     set_threads(args.threads)
     if args.steps < 1 or args.rounds < 1:
         raise UsageError(f"--steps and --rounds must be >= 1, got {args.steps} and {args.rounds}")
-    try:
-        large = load_model(DEFAULT_LARGE, device="cpu")  # the CPU measurements of the shipped exit
-        drafters = {name: load_model(name, large=large) for name in args.small.split(",")}
-    except ValueError as error:
-        raise UsageError(str(error)) from error
+    large, drafters = _load_drafters(args.small)
     costs = measure_step_costs(large, drafters, steps=args.steps, rounds=args.rounds)
     print(json.dumps({"ms_per_step": costs,
                       "cost_ratio": {name: costs[name] / costs["large"] for name in drafters}}, indent=2))
@@ -126,7 +121,6 @@ def _cmd_agreement(args: argparse.Namespace) -> None:
     from bild.train.align import agreement, read_calibration
     from bild.train.early_exit import ExitTrainConfig
     from bild.train.little import split_by_index
-    from bild.models import DEFAULT_LARGE, load_model
 
     set_threads(args.threads)
     _check_input_file(args.calibration, "--calibration")
@@ -137,11 +131,7 @@ def _cmd_agreement(args: argparse.Namespace) -> None:
     heldout = split_by_index(records, config.heldout_every)[1][: args.max_records]
     if not heldout:
         raise UsageError(f"no held-out records in {args.calibration}")
-    try:
-        large = load_model(DEFAULT_LARGE, device="cpu")  # the CPU measurements of the shipped exit
-        drafters = {name: load_model(name, large=large) for name in args.small.split(",")}
-    except ValueError as error:
-        raise UsageError(str(error)) from error
+    large, drafters = _load_drafters(args.small)
     tokens = sum(min(len(r.output_ids), config.train.max_target_tokens) for r in heldout)
     result = {name: agreement(drafter, heldout, config.train) for name, drafter in drafters.items()}
     print(json.dumps({"heldout_records": len(heldout), "heldout_tokens": tokens, "agreement": result}, indent=2))
@@ -152,3 +142,14 @@ def _check_input_file(path: Path, option: str) -> None:
         raise UsageError(f"{option} {str(path)!r} is a directory; give the calibration JSONL file")
     if not path.is_file():
         raise UsageError(f"{option} {str(path)!r} does not exist; `bild little --calibration-only` writes it")
+
+
+def _load_drafters(names: str):
+    """The default large model on the CPU (where the shipped exit was measured) and each comma-separated drafter."""
+    from bild.models import DEFAULT_LARGE, load_model
+
+    try:
+        large = load_model(DEFAULT_LARGE, device="cpu")
+        return large, {name: load_model(name, large=large) for name in names.split(",")}
+    except ValueError as error:
+        raise UsageError(str(error)) from error
