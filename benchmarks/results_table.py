@@ -245,12 +245,13 @@ def section_kernels(source: Path, data: dict, base: Path) -> list[str]:
 
 def section_server_load(source: Path, data: dict, base: Path) -> list[str]:
     results = data["results"]
-    rows = [[clients] + [spread_cell(row[key], source, base, digits, unit) for key, digits, unit in (
+    servers = results.get("servers") or {"local": results["levels"]}  # files written before the Ray Serve mode
+    rows = [[name, clients] + [spread_cell(row[key], source, base, digits, unit) for key, digits, unit in (
         ("requests_per_s", 2, ""), ("tokens_per_s", 1, ""), ("p50_latency_s", 2, " s"), ("p95_latency_s", 2, " s"),
-        ("refused_429", 0, ""))] for clients, row in results["levels"].items()]
+        ("refused_429", 0, ""))] for name, levels in servers.items() for clients, row in levels.items()]
     return [f"{results['requests_per_level']} requests per level, queue size {results['queue_size']}, median of "
             f"{results['repeats']} repeats (min-max).", ""] + table(
-        ["clients", "answered requests/s", "tokens/s", "p50 latency", "p95 latency", "refused (429)"], rows)
+        ["server", "clients", "answered requests/s", "tokens/s", "p50 latency", "p95 latency", "refused (429)"], rows)
 
 
 SECTIONS = {"paper-table": section_paper_table, "lossless": section_lossless, "sweep": section_sweep,

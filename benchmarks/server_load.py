@@ -1,12 +1,17 @@
-"""How does `bild serve` hold up under concurrent clients on one machine?
+"""How does `bild serve` hold up under concurrent clients, on one engine or on Ray Serve replicas?
 
 Starts `bild serve` (one generation worker, a bounded queue) on loopback, sends one untimed warm-up request, then
 for each concurrency level C runs C clients that send chat completions back to back (greedy, the server's BiLD
-defaults) until --requests have been answered or refused; levels are interleaved in every repeat. Per level:
-answered requests/s, generated tokens/s, p50 and p95 latency of answered requests, and how many were refused with
-429 (queue full: C above the queue size plus the one generating). Figures are medians over --repeats with min/max.
+defaults) until --requests have been answered or refused. Per level: answered requests/s, generated tokens/s, p50 and
+p95 latency of answered requests, and how many were refused with 429 (queue full: C above the queue size plus the one
+generating). Figures are medians over --repeats with min/max.
+
+With --ray-replicas 1,2 each server is `bild serve --ray --replicas R --num-cpus 1` on a local Ray instead, one
+engine of --threads threads per replica; every repeat starts each server afresh, in turn, so the replica counts are
+measured side by side under the same machine load.
 
     python benchmarks/server_load.py --concurrency 1,4,16 --requests 16 --repeats 3 --threads 2
+    python benchmarks/server_load.py --ray-replicas 1,2 --concurrency 16 --requests 32 --repeats 3 --threads 1
 """
 
 from __future__ import annotations
@@ -35,14 +40,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args, port: int, log: Path) -> subprocess.Popen:
-    """`python -m bild serve` from this tree, waiting until /health answers; its output goes to ``log``."""
+def start_server(args, port: int, log: Path, replicas: int | None = None) -> subprocess.Popen:
+    """`python -m bild serve` from this tree (on a local Ray with ``replicas`` replicas if given), waiting until
+    /health answers; its output goes to ``log``."""
     import httpx
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "bild", "serve", "--large", args.large, "--small", args.small,
                "--port", str(port), "--threads", str(args.threads), "--max-new-tokens", str(args.max_new_tokens),
                "--queue-size", str(args.queue_size), "--log-level", "warning"]
+    if replicas is not None:
+        command += ["--ray", "--replicas", str(replicas), "--num-cpus", "1"]
     with log.open("w") as output:  # the child keeps its own copy of the file descriptor
         server = subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + args.startup_timeout
@@ -56,8 +64,18 @@ def start_server(args, port: int, log: Path) -> subprocess.Popen:
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    server.terminate()
+    stop_server(server)
     raise BenchmarkError(f"bild serve did not answer /health within {args.startup_timeout:g} s (log: {log})")
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """SIGTERM and wait: `bild serve --ray` stops its local Ray before it exits."""
+    server.terminate()
+    try:
+        server.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 async def load_level(url: str, model: str, prompts: list[str], clients: int, requests: int, max_tokens: int,
@@ -106,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16", help="comma-separated client counts (default: %(default)s)")
     parser.add_argument("--requests", type=int, default=16, help="requests per level and repeat (default: %(default)s)")
     parser.add_argument("--queue-size", type=int, default=8, help="bild serve --queue-size (default: %(default)s)")
+    parser.add_argument("--ray-replicas", help="comma-separated replica counts: serve through Ray Serve "
+                        "(pip install 'bild[ray]') with each count in turn")
     parser.add_argument("--no-chat", action="store_true", help="plain /v1/completions (for models without a chat template)")
     parser.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for the server (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -122,38 +142,51 @@ def main(argv: list[str] | None = None) -> int:
     stamp = provenance(__file__, argv)
     path = result_path(QUESTION, stamp, args.results_dir)
 
-    with tempfile.TemporaryDirectory() as folder:
-        port = free_port()
-        server = start_server(args, port, Path(folder) / "serve.log")
-        try:
-            url = f"http://127.0.0.1:{port}"
-            model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
+    try:
+        setups = [int(part) for part in args.ray_replicas.split(",")] if args.ray_replicas else [None]
+    except ValueError:
+        setups = [0]
+    if any(replicas is not None and replicas < 1 for replicas in setups):
+        raise BenchmarkError(f"--ray-replicas takes replica counts >= 1, got {args.ray_replicas!r}")
+    names = {replicas: "local" if replicas is None else f"{replicas} replica{'s' * (replicas > 1)}"
+             for replicas in setups}
 
-            def level(clients: int, requests: int) -> dict:
-                return asyncio.run(load_level(url, model, prompts, clients, requests, args.max_new_tokens,
-                                              not args.no_chat))
+    def measure(replicas: int | None) -> dict:
+        """One server up, a warm-up request, every level, the server down."""
+        with tempfile.TemporaryDirectory() as folder:
+            port = free_port()
+            server = start_server(args, port, Path(folder) / "serve.log", replicas)
+            try:
+                url = f"http://127.0.0.1:{port}"
+                model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
 
-            level(1, 1)  # warm-up, untimed
+                def level(clients: int, requests: int) -> dict:
+                    return asyncio.run(load_level(url, model, prompts, clients, requests, args.max_new_tokens,
+                                                  not args.no_chat))
 
-            def once(_warmup: int, _progress) -> dict:
+                for _ in range(replicas or 1):  # warm-up, untimed: one request per replica
+                    level(replicas or 1, replicas or 1)
                 return {clients: level(clients, args.requests) for clients in levels}
+            finally:
+                stop_server(server)
 
-            runs = run_repeats(once, args.repeats, 1, f"{len(levels)} levels x {args.repeats}")
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+    def once(_warmup: int, _progress) -> dict:
+        return {names[replicas]: measure(replicas) for replicas in setups}
+
+    runs = run_repeats(once, args.repeats, len(setups), f"{len(setups)} servers x {len(levels)} levels x {args.repeats}")
 
     keys = ("requests_per_s", "tokens_per_s", "p50_latency_s", "p95_latency_s", "refused_429", "answered", "failed")
     results = {"repeats": len(runs), "requests_per_level": args.requests, "queue_size": args.queue_size,
-               "levels": {clients: {key: spread(run[clients][key] for run in runs)
-                                    if all(run[clients][key] is not None for run in runs) else None for key in keys}
-                          for clients in levels}}
+               "servers": {name: {clients: {key: spread(run[name][clients][key] for run in runs)
+                                            if all(run[name][clients][key] is not None for run in runs) else None
+                                            for key in keys} for clients in levels} for name in names.values()}}
     print(f"bild serve, {args.requests} requests per level, queue {args.queue_size}, {len(runs)} repeats (medians)")
-    for clients, row in results["levels"].items():
-        p50, p95 = row["p50_latency_s"], row["p95_latency_s"]
-        print(f"{clients:3d} clients: {row['requests_per_s']['median']:.2f} req/s, {row['tokens_per_s']['median']:.1f} "
-              f"tok/s, p50 {p50['median'] if p50 else float('nan'):.2f} s, p95 {p95['median'] if p95 else float('nan'):.2f} s, "
-              f"429: {row['refused_429']['median']:g}")
+    for name, rows in results["servers"].items():
+        for clients, row in rows.items():
+            p50, p95 = row["p50_latency_s"], row["p95_latency_s"]
+            print(f"{name:>10}, {clients:3d} clients: {row['requests_per_s']['median']:.2f} req/s, "
+                  f"{row['tokens_per_s']['median']:.1f} tok/s, p50 {p50['median'] if p50 else float('nan'):.2f} s, "
+                  f"p95 {p95['median'] if p95 else float('nan'):.2f} s, 429: {row['refused_429']['median']:g}")
     write_result(path, QUESTION, stamp, settings_of(args), results)
     return 0
 
