@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 
@@ -106,3 +108,59 @@ class GenerationResult:
     text: str
     finish_reason: FinishReason  # "stop": an EOS token ended it; "length": max_new_tokens did
     stats: GenerationStats
+
+
+# ---- settings files (`bild tune` writes them; `--config FILE` reads them) ----------------------------------------
+SETTINGS_MODELS = ("large", "small")  # which pair the settings were tuned for
+SETTINGS_DECODING = ("fallback_threshold", "rollback_threshold", "max_small_steps", "repeat_ngram", "policy")
+SETTINGS_NOTES = ("tuned",)  # what `bild tune` measured: kept in the file for people, ignored when reading
+
+
+class SettingsError(ValueError):
+    """A settings file that cannot be used; the message names the file and what is wrong."""
+
+
+def read_settings(path: str | Path) -> dict[str, object]:
+    """The model names and decoding settings of a JSON settings file (as written by `bild tune`), validated.
+
+    Only the keys present are returned; apply them with :func:`config_with_settings`. ``rollback_threshold`` may be
+    the string "inf" (JSON has no infinity). Unknown keys, wrong types and out-of-range values raise
+    :class:`SettingsError`.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise SettingsError(f"cannot read settings file {str(path)!r}: {error.strerror or error}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SettingsError(f"settings file {str(path)!r} is not JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"settings file {str(path)!r}: expected a JSON object, got {type(data).__name__}")
+    allowed = SETTINGS_MODELS + SETTINGS_DECODING + SETTINGS_NOTES
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise SettingsError(f"settings file {str(path)!r}: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
+    settings = {key: data[key] for key in SETTINGS_MODELS + SETTINGS_DECODING if key in data}
+    for key in SETTINGS_MODELS:
+        if key in settings and not (isinstance(settings[key], str) and settings[key].strip()):
+            raise SettingsError(f"settings file {str(path)!r}: {key!r} must be a model name, got {settings[key]!r}")
+    if settings.get("rollback_threshold") == "inf":
+        settings["rollback_threshold"] = math.inf
+    try:
+        config_with_settings(settings)
+    except ValueError as error:
+        raise SettingsError(f"settings file {str(path)!r}: {error}") from None
+    return settings
+
+
+def config_with_settings(settings: dict[str, object], base: BiLDConfig | None = None) -> BiLDConfig:
+    """``base`` (default: BiLDConfig()) with the decoding settings of ``settings``; a ValueError names a bad value."""
+    values = {key: settings[key] for key in SETTINGS_DECODING if key in settings}
+    if isinstance(values.get("fallback_threshold"), int) and not isinstance(values["fallback_threshold"], bool):
+        values["fallback_threshold"] = float(values["fallback_threshold"])
+    if isinstance(values.get("rollback_threshold"), int) and not isinstance(values["rollback_threshold"], bool):
+        values["rollback_threshold"] = float(values["rollback_threshold"])
+    if any(isinstance(value, bool) for value in values.values()):
+        name = next(key for key, value in values.items() if isinstance(value, bool))
+        raise ValueError(f"{name} must be a number, got {values[name]!r}")
+    return replace(base or BiLDConfig(), **values)

@@ -6,12 +6,12 @@ import argparse
 import logging
 import sys
 
-from bild.cli import align, early_exit, eval, generate, serve
-from bild.cli.common import UsageError, check_text_arguments, unsupported_dtype
+from bild.cli import align, early_exit, eval, generate, serve, tune
+from bild.cli.common import UsageError, apply_settings_file, check_text_arguments, unsupported_dtype
 from bild.extras import MissingExtraError
 
 # Each subcommand module exposes register(subparsers), in the order `bild --help` lists them.
-SUBCOMMANDS = (generate, eval, serve, align, early_exit)
+SUBCOMMANDS = (generate, eval, tune, serve, align, early_exit)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,12 +20,20 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for module in SUBCOMMANDS:
         module.register(subparsers)
+    parser.subcommands = subparsers.choices  # name -> its parser, for --config
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) is not None:  # the file's settings become defaults; parse again: flags win
+        try:
+            apply_settings_file(parser.subcommands[args.command], args.config)
+        except UsageError as error:
+            print(f"bild {args.command}: error: {error}", file=sys.stderr)
+            return 2
+        args = parser.parse_args(argv)
     if getattr(args, "early_exit_layer", None) is not None:  # one spelling for every subcommand with --small
         args.small = f"early-exit:{args.early_exit_layer}"
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

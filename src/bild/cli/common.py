@@ -51,6 +51,24 @@ def placement_from_args(args: argparse.Namespace) -> tuple[Placement, str | None
     return where, args.small_device
 
 
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="a JSON settings file (e.g. from `bild tune`): the pair and decoding settings it holds "
+                             "become this command's defaults; flags given on the command line override them")
+
+
+def apply_settings_file(subcommand: argparse.ArgumentParser, path: Path) -> None:
+    """Make the ``--config`` file's settings the subcommand's defaults; the caller parses again, so flags still win.
+    Settings the subcommand has no flag for (e.g. the thresholds for `bild sweep`, which takes a grid) are skipped."""
+    from bild.config import SettingsError, read_settings
+
+    try:
+        settings = read_settings(path)
+    except SettingsError as error:
+        raise UsageError(str(error)) from None
+    subcommand.set_defaults(**{key: value for key, value in settings.items() if subcommand.get_default(key) is not None})
+
+
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = BiLDConfig()
     parser.add_argument("--fallback-threshold", type=float, default=defaults.fallback_threshold, help="alpha_FB in [0, 1] (default: %(default)s)")
@@ -110,6 +128,35 @@ def load_engine(large: str, small: str | None, where: Placement | None = None, s
     except ValueError as error:
         raise UsageError(str(error)) from error
     return BiLD(ModelPair(large=large_model, small=small_model))
+
+
+def comma_numbers(text: str, option: str, kind: type = float) -> tuple:
+    """``"0.2,0.4"`` -> (0.2, 0.4); a ValueError names the option when a part is not a number or none is given."""
+    try:
+        values = tuple(kind(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        noun = "integers" if kind is int else "numbers"
+        raise ValueError(f"{option} must be comma-separated {noun}, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{option} is empty")
+    return values
+
+
+def speedup_bar(enabled: bool, total: int, label: str):
+    """A tqdm bar showing the running speedups; returns (callback, bar) or (None, None)."""
+    if not enabled:
+        return None, None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=label, unit="ex", file=sys.stderr, dynamic_ncols=True)
+
+    def update(done: int, _total: int, speedups: dict[str, float]) -> None:
+        bar.n = done
+        best = sorted(speedups.items(), key=lambda item: -item[1])[:4]
+        bar.set_postfix_str(" ".join(f"{name} {value:.2f}x" for name, value in best), refresh=False)
+        bar.refresh()
+
+    return update, bar
 
 
 def fail(command: str, message: str) -> int:

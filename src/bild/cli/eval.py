@@ -8,7 +8,10 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from bild.cli.common import UsageError, add_device_arguments, check_output, fail, placement_from_args, set_threads
+from bild.cli.common import (
+    UsageError, add_config_argument, add_device_arguments, check_output, comma_numbers, fail, placement_from_args,
+    set_threads, speedup_bar,
+)
 from bild.config import BiLDConfig
 from bild.models import DEFAULT_LARGE, DEFAULT_SMALL
 
@@ -57,6 +60,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     bild.add_argument("--policy", choices=["adaptive", "fixed"], default=BiLDConfig().policy,
                       help="drafting policy of the bild methods; bild-fixed and bild-lossless-fixed always use fixed "
                            "(default: %(default)s)")
+    add_config_argument(bild)
     output = parser.add_argument_group("output")
     output.add_argument("--json-out", type=Path, help="write the summary JSON here")
     output.add_argument("--out-dir", type=Path, help="write per-example rows to OUT_DIR/examples.jsonl as they finish")
@@ -98,33 +102,6 @@ def register(subparsers) -> None:
     sweep.set_defaults(func=run_sweep)
 
 
-def _floats(text: str, option: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(f"{option} must be comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{option} is empty")
-    return values
-
-
-def _progress(args: argparse.Namespace, total: int, label: str):
-    """A tqdm bar showing the running speedups; returns (callback, bar) or (None, None)."""
-    if args.no_progress:
-        return None, None
-    from tqdm import tqdm
-
-    bar = tqdm(total=total, desc=label, unit="ex", file=sys.stderr, dynamic_ncols=True)
-
-    def update(done: int, _total: int, speedups: dict[str, float]) -> None:
-        bar.n = done
-        best = sorted(speedups.items(), key=lambda item: -item[1])[:4]
-        bar.set_postfix_str(" ".join(f"{name} {value:.2f}x" for name, value in best), refresh=False)
-        bar.refresh()
-
-    return update, bar
-
-
 def _load_inputs(args: argparse.Namespace, config_overrides: dict):
     from bild.eval.datasets import load_dataset
 
@@ -161,7 +138,7 @@ def run_eval(args: argparse.Namespace) -> int:
             raise ValueError("these methods need a small model: " + ", ".join(name for name in methods if needs_small(name)))
         print(f"loading {args.large} + {small} ...", file=sys.stderr)
         pair = load_pair(args.large, small, where=where, small_device=small_device)
-        callback, bar = _progress(args, len(dataset.examples), f"eval {dataset.name}")
+        callback, bar = speedup_bar(not args.no_progress, len(dataset.examples), f"eval {dataset.name}")
         result = evaluate(
             pair, dataset, methods, config, out_dir=args.out_dir, warmup=args.warmup,
             chat=False if args.no_chat else None, draft_window=args.draft_window, on_progress=callback,
@@ -250,9 +227,9 @@ def run_sweep(args: argparse.Namespace) -> int:
         config, dataset = _load_inputs(args, {})
         fallback_grid, rollback_grid = default_grid(dataset.metric)
         if args.fallback_thresholds is not None:  # "" is a mistake, not "the default grid"
-            fallback_grid = _floats(args.fallback_thresholds, "--fallback-thresholds")
+            fallback_grid = comma_numbers(args.fallback_thresholds, "--fallback-thresholds")
         if args.rollback_thresholds is not None:
-            rollback_grid = _floats(args.rollback_thresholds, "--rollback-thresholds")
+            rollback_grid = comma_numbers(args.rollback_thresholds, "--rollback-thresholds")
         for fallback in fallback_grid:  # the config validates every value before any model loads
             BiLDConfig(fallback_threshold=fallback)
         for rollback in rollback_grid:
@@ -265,7 +242,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             smalls[series] = load_model(name, large=large, where=small_placement(large, where, small_device))
             check_same_vocabulary(large, smalls[series])
         points = len(fallback_grid) * len(rollback_grid) * len(smalls)
-        callback, bar = _progress(args, len(dataset.examples), f"sweep {points} points")
+        callback, bar = speedup_bar(not args.no_progress, len(dataset.examples), f"sweep {points} points")
         result, _ = sweep(
             large, smalls, dataset, fallback_grid, rollback_grid, config, out_dir=args.out_dir, warmup=args.warmup,
             chat=False if args.no_chat else None, on_progress=callback,

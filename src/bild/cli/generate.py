@@ -11,6 +11,7 @@ from pathlib import Path
 
 from bild.cli.common import (
     UsageError,
+    add_config_argument,
     add_decoding_arguments,
     add_device_arguments,
     add_model_arguments,
@@ -279,6 +280,7 @@ def register(subparsers) -> None:
     add_model_arguments(generate)
     add_device_arguments(generate)
     add_decoding_arguments(generate)
+    add_config_argument(generate)
     generate.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                           help="apply the chat template (default: when the large model has one)")
     generate.add_argument("--json", action="store_true", help="print one JSON object with text, token_ids and stats")

@@ -8,6 +8,7 @@ import sys
 
 from bild.cli.common import (
     UsageError,
+    add_config_argument,
     add_decoding_arguments,
     add_device_arguments,
     add_model_arguments,
@@ -70,6 +71,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     http.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is often faster on a busy machine)")
     http.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_decoding_arguments(parser.add_argument_group("server-wide defaults (each request may override them)"))
+    add_config_argument(parser)
     ray = parser.add_argument_group("ray serve (pip install 'bild[ray]')")
     ray.add_argument("--ray", action="store_true", help="serve through Ray Serve: one engine per replica")
     ray.add_argument("--replicas", type=int, default=1, help="replicas, each with its own pair (default: %(default)s)")

@@ -25,6 +25,7 @@ from bild.models import ModelPair
 logger = logging.getLogger(__name__)
 
 BASELINE = "vanilla"
+ROWS_FILE = "examples.jsonl"  # per-example rows in an output directory
 ProgressCallback = Callable[[int, int, dict[str, float]], None]  # (examples done, total, running speedups)
 
 
@@ -128,12 +129,21 @@ def run_methods(
     warmup: int = 1,
     chat: bool | None = None,
     on_progress: ProgressCallback | None = None,
+    requests: list[Request] | None = None,
+    append: bool = False,
 ) -> EvalResult:
-    """Run already built methods (``methods`` must contain the baseline ``vanilla``), interleaved per example."""
+    """Run already built methods (``methods`` must contain the baseline ``vanilla``), interleaved per example.
+
+    requests: the examples' encoded prompts, when the caller encodes them itself (e.g. chat messages); default: each
+    example's prompt through the dataset's template. append: add to ``out_dir``'s examples.jsonl instead of starting
+    it afresh (a resumed run)."""
     if BASELINE not in methods:
         raise ValueError(f"the methods must include the baseline {BASELINE!r}")
     use_chat = pair.large.is_chat if chat is None else chat
-    requests = [_request(engine, dataset.prompt(example), use_chat) for example in dataset.examples]
+    if requests is None:
+        requests = [_request(engine, dataset.prompt(example), use_chat) for example in dataset.examples]
+    elif len(requests) != len(dataset.examples):
+        raise ValueError(f"{len(requests)} requests for {len(dataset.examples)} examples")
     result = EvalResult(
         dataset=dataset.name,
         large=pair.large.name,
@@ -141,7 +151,7 @@ def run_methods(
         records={name: [] for name in methods},
         config=config,
     )
-    rows = _open_rows(out_dir)
+    rows = _open_rows(out_dir, append)
     names = list(methods)
     try:
         for request in requests[:warmup]:
@@ -183,11 +193,11 @@ def _request(engine: BiLD, prompt: str, chat: bool) -> Request:
     return Request(prompt=prompt, prompt_ids=engine.encode(prompt, chat=chat), chat=chat)
 
 
-def _open_rows(out_dir: Path | None):
+def _open_rows(out_dir: Path | None, append: bool = False):
     if out_dir is None:
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
-    return (out_dir / "examples.jsonl").open("w", encoding="utf-8")
+    return (out_dir / ROWS_FILE).open("a" if append else "w", encoding="utf-8")
 
 
 def _record(index: int, example: Example, name: str, output: MethodOutput, baseline_ids: list[int]) -> ExampleRecord:
