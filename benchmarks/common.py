@@ -199,6 +199,8 @@ def add_docsum_arguments(parser: argparse.ArgumentParser, limit: int = 20) -> No
     parser.add_argument("--dataset", default="docsum", help="a name or a .jsonl/.csv/.tsv file (default: %(default)s)")
     parser.add_argument("--prompt-template", help="with {source} (default: the dataset's)")
     parser.add_argument("--limit", type=int, default=limit, help="first LIMIT examples (default: %(default)s)")
+    parser.add_argument("--per-kind", type=int, metavar="K",
+                        help="first K examples of each kind (tagged sets such as mixed), instead of --limit")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="(default: %(default)s)")
     parser.add_argument("--large", default=DEFAULT_LARGE, help="(default: %(default)s)")
     parser.add_argument("--small", default=DEFAULT_SMALL, help="(default: %(default)s)")
@@ -239,7 +241,8 @@ def load_dataset(args: argparse.Namespace):
     from bild.eval.datasets import load_dataset as load
 
     template = args.prompt_template.replace("\\n", "\n") if args.prompt_template else None
-    return load(args.dataset, prompt_template=template, limit=args.limit)
+    per_kind = getattr(args, "per_kind", None)
+    return load(args.dataset, prompt_template=template, limit=None if per_kind else args.limit, per_kind=per_kind)
 
 
 def run_repeats(run_once: Callable, repeats: int, examples: int, label: str) -> list:
@@ -270,8 +273,8 @@ def run_repeats(run_once: Callable, repeats: int, examples: int, label: str) -> 
 def run_harness(question: str, script: str, args: argparse.Namespace, argv: list[str] | None, config,
                 build_methods: Callable[[object], dict], before: Callable[[object], dict] | None = None) -> int:
     """The whole run of a harness-based script: data, stamp, models, ``build_methods(context)`` (vanilla first),
-    repeats, the table on stdout and one new result file. ``before(context)``: measurements made after loading and
-    before the repeats, added to the results."""
+    repeats, the table on stdout and one new result file. ``before(context, dataset)``: measurements made after
+    loading and before the repeats, added to the results."""
     from bild.decoding import BiLD
     from bild.eval.harness import run_methods
     from bild.eval.methods import MethodContext
@@ -285,7 +288,7 @@ def run_harness(question: str, script: str, args: argparse.Namespace, argv: list
     engine = BiLD(pair)
     context = MethodContext(pair=pair, engine=engine, config=config, draft_window=getattr(args, "draft_window", 5))
     methods = build_methods(context)
-    measured = before(context) if before is not None else {}
+    measured = before(context, dataset) if before is not None else {}
 
     def once(warmup: int, progress: Callable) -> object:
         return run_methods(pair, engine, dataset, methods, config, warmup=warmup, on_progress=progress)
@@ -293,6 +296,7 @@ def run_harness(question: str, script: str, args: argparse.Namespace, argv: list
     runs = run_repeats(once, args.repeats, len(dataset.examples), f"{len(methods)} methods x {args.repeats}")
     results = {**measured, **harness_results(runs, dataset)}
     print_table(results)
+    print_kinds(results)
     write_result(path, question, stamp, settings_of(args), results)
     return 0
 
@@ -306,12 +310,28 @@ def summarize_repeats(runs: list) -> dict[str, dict]:
         outputs = [[record.output for record in run.records[name]] for run in runs]
         methods[name] = {
             "speedup": spread(summary.speedup for summary in summaries),
+            "throughput_ratio": spread(summary.throughput_ratio for summary in summaries),
             "time_s": spread(summary.time_s for summary in summaries),
             "tokens_per_s": spread(summary.tokens_per_s for summary in summaries),
-            **{key: value for key, value in asdict(first).items() if key not in ("speedup", "time_s", "tokens_per_s")},
+            **{key: value for key, value in asdict(first).items()
+               if key not in ("speedup", "throughput_ratio", "time_s", "tokens_per_s")},
             "same_outputs_every_repeat": all(output == outputs[0] for output in outputs),
         }
     return methods
+
+
+KIND_FIGURES = ("rougeL", "bleu", "rougeL_vs_large", "exact_match", "fallback_rate", "tokens_per_large_pass",
+                "new_tokens")
+
+
+def summarize_kinds(runs: list) -> dict[str, dict[str, dict]]:
+    """Per kind of a tagged dataset (e.g. mixed) and method: speedup and throughput ratio as median/min/max over
+    repeats, quality and statistics from the first repeat; {} for an untagged dataset."""
+    return {kind: {name: {"speedup": spread(run.kind_summaries[kind][name].speedup for run in runs),
+                          "throughput_ratio": spread(run.kind_summaries[kind][name].throughput_ratio for run in runs),
+                          **{key: getattr(first, key) for key in KIND_FIGURES}}
+                   for name, first in methods.items()}
+            for kind, methods in runs[0].kind_summaries.items()}
 
 
 def example_rows(runs: list) -> list[dict]:
@@ -337,6 +357,7 @@ def harness_results(runs: list, dataset) -> dict:
         "small": runs[0].small,
         "config": {**asdict(runs[0].config), "rollback_threshold": _json_number(runs[0].config.rollback_threshold)},
         "methods": summarize_repeats(runs),
+        "kinds": summarize_kinds(runs),
         "examples": example_rows(runs),
     }
 
@@ -356,6 +377,20 @@ def parse_setting(text: str) -> tuple[float, float | None, int]:
     except ValueError:
         pass
     raise BenchmarkError(f"a setting is alpha_FB/alpha_RB/N or alpha_FB/N with numbers, got {text!r}")
+
+
+def print_kinds(results: dict) -> None:
+    """Per kind (tagged datasets): each method's speedup and throughput ratio over vanilla, medians of the repeats."""
+    kinds = results.get("kinds") or {}
+    if not kinds:
+        return
+    names = [name for name in next(iter(kinds.values())) if name != "vanilla"]
+    print("\nper kind: speedup (latency) / tok/s ratio, medians")
+    print(f"{'kind':12s} " + " ".join(f"{name:>22s}" for name in names))
+    for kind, methods in kinds.items():
+        cells = [f"{methods[name]['speedup']['median']:.2f}x / {methods[name]['throughput_ratio']['median']:.2f}x"
+                 for name in names]
+        print(f"{kind:12s} " + " ".join(f"{cell:>22s}" for cell in cells))
 
 
 def print_table(results: dict) -> None:

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             methods[f"{label} kernels on"] = with_arm(method, model, True)
         return methods
 
-    def measure_passes(context) -> dict:
+    def measure_passes(context, _dataset) -> dict:
         times = pass_ms(context.pair.large.model, args.pass_rounds)
         one_token = spread(times["off"][1])["median"]
         return {"large_pass": {

@@ -167,8 +167,20 @@ def test_both_replicas_serve_under_concurrent_load(ray_url):
     assert len({replica for _, replica in answers}) == 2, collections.Counter(answers)
 
 
+def test_requests_beyond_the_replicas_queues_wait_in_rays_queue_not_refused(ray_url):
+    """2 replicas x (1 generating + 2 queued) = 6 in the replicas; 12 at once: 6 wait in Ray's queue (8 places)."""
+
+    def one(index: int) -> int:
+        body = {"model": MODEL, "prompt": f"w{5 + index} w9", "max_tokens": 40}
+        return httpx.post(ray_url + "/v1/completions", json=body, timeout=120).status_code
+
+    with ThreadPoolExecutor(12) as pool:
+        statuses = collections.Counter(pool.map(one, range(12)))
+    assert statuses == {200: 12}, statuses
+
+
 def test_overload_is_429_with_retry_after_never_5xx(ray_url):
-    """2 replicas x (1 generating + 2 queued, 4 in flight at most) + 8 held by Ray: 40 long requests must overflow."""
+    """2 replicas x (1 generating + 2 queued) + 8 held by Ray: 40 long requests must overflow."""
 
     def one(index: int) -> httpx.Response:
         body = {"model": MODEL, "prompt": "w5 w6", "max_tokens": 300}

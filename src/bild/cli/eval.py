@@ -47,6 +47,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset", default="docsum", help="a name or a .jsonl/.csv/.tsv file (default: %(default)s)")
     data.add_argument("--prompt-template", help="with {source}; default: the dataset's (e.g. 'Summarize in one sentence:\\n{source}')")
     data.add_argument("--limit", type=int, help="use the first LIMIT examples")
+    data.add_argument("--per-kind", type=int, metavar="K",
+                      help="use the first K examples of each kind (tagged sets such as mixed), before --limit")
     data.add_argument("--no-chat", action="store_true", help="do not apply the large model's chat template")
     models = parser.add_argument_group("models")
     models.add_argument("--large", default=DEFAULT_LARGE, help="large model: registered name, directory or hub id (default: %(default)s)")
@@ -111,7 +113,7 @@ def _load_inputs(args: argparse.Namespace, config_overrides: dict):
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     template = args.prompt_template.replace("\\n", "\n") if args.prompt_template else None  # a typed \n is a newline
-    dataset = load_dataset(args.dataset, prompt_template=template, limit=args.limit)
+    dataset = load_dataset(args.dataset, prompt_template=template, limit=args.limit, per_kind=args.per_kind)
     return config, dataset
 
 

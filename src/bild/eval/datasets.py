@@ -82,13 +82,19 @@ def dataset_names() -> list[str]:
 
 
 def load_dataset(
-    name_or_path: str, prompt_template: str | None = None, limit: int | None = None, metric: Metric | None = None
+    name_or_path: str, prompt_template: str | None = None, limit: int | None = None, metric: Metric | None = None,
+    per_kind: int | None = None,
 ) -> EvalDataset:
-    """A built-in name, one of the paper's dataset names or a path to a .jsonl/.csv/.tsv file."""
+    """A built-in name, one of the paper's dataset names or a path to a .jsonl/.csv/.tsv file.
+
+    limit: the first ``limit`` examples; per_kind: the first ``per_kind`` examples of each kind (for tagged sets such
+    as ``mixed``), applied before ``limit``."""
     if prompt_template is not None and "{source}" not in prompt_template:
         raise DatasetError(f"prompt template must contain '{{source}}', got {prompt_template!r}")
     if limit is not None and limit < 1:
         raise DatasetError(f"limit must be a positive number of examples, got {limit}")
+    if per_kind is not None and per_kind < 1:
+        raise DatasetError(f"per kind must be a positive number of examples, got {per_kind}")
     if name_or_path in BUILTIN_DATASETS:
         try:
             examples = read_file(BUILTIN_DATASETS[name_or_path]())
@@ -108,12 +114,25 @@ def load_dataset(
             )
         examples = read_file(path)
         default_template, default_metric = SUMMARIZE_ONE_SENTENCE, "rougeL"
+    if per_kind is not None:
+        examples = first_of_each_kind(examples, per_kind)
     return EvalDataset(
         name=name_or_path,
         examples=tuple(examples[:limit] if limit else examples),
         prompt_template=prompt_template or default_template,
         metric=metric or default_metric,
     )
+
+
+def first_of_each_kind(examples: list[Example], count: int) -> list[Example]:
+    """The first ``count`` examples of every kind, in their order."""
+    taken: dict[str, int] = {}
+    kept = []
+    for example in examples:
+        taken[example.kind] = taken.get(example.kind, 0) + 1
+        if taken[example.kind] <= count:
+            kept.append(example)
+    return kept
 
 
 def read_file(path: Path) -> list[Example]:

@@ -4,8 +4,9 @@ Each replica loads the pair once and serves the same app as `bild serve` (``crea
 streaming, models, health, metrics, the per-request BiLD fields and statistics, the API key and the same 4xx errors.
 Every response names the replica that served it (header ``X-Bild-Replica``; ``/health`` and ``/metrics`` too).
 
-Overload is answered twice over with 429 and Retry-After, never a 5xx: a replica's own queue refuses what it cannot
-hold, and Ray's queue in front of the replicas (``max_queued_requests``) refuses the rest.
+Overload is answered with 429 and Retry-After, never a 5xx: Ray sends a replica at most what it can hold (one request
+generating, ``queue_size`` waiting), holds the rest in its own queue in front of the replicas, and refuses what does
+not fit there (``max_queued_requests``).
 
 Put bild in your own Serve application::
 
@@ -81,9 +82,9 @@ def build_app(spec: ReplicaSpec, scaling: Scaling = Scaling()) -> serve.Applicat
     options = {
         "name": DEPLOYMENT_NAME,
         "ray_actor_options": {"num_cpus": scaling.num_cpus, "num_gpus": scaling.num_gpus},
-        # One request generates while `queue_size` wait inside the replica; one more slot lets the replica's own
-        # queue answer 429 itself (with its own Retry-After) rather than Ray holding the request.
-        "max_ongoing_requests": spec.queue_size + 2,
+        # One request generates while `queue_size` wait inside the replica: Ray sends no more than that, so the
+        # rest wait in Ray's queue (and reach whichever replica frees first) instead of being refused by a full one.
+        "max_ongoing_requests": spec.queue_size + 1,
         "max_queued_requests": scaling.max_queued,
         "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=scaling.retry_after_s),
     }
