@@ -30,6 +30,7 @@ QUESTIONS = {
     "drafter-cost": ("drafter_cost.py", "How well does each drafter agree with the large model, and what does it cost?"),
     "kernels": ("kernels.py", "What do bild's CPU kernels buy?"),
     "server-load": ("server_load.py", "How does `bild serve` hold up under concurrent clients?"),
+    "adaptive": ("adaptive.py", "Is BiLD at least as fast as the large model alone on prompts of every kind?"),
 }
 # method -> its label; {fb} {rb} {n} {window} are the run's alpha_FB, alpha_RB, N and speculative draft window
 HEADLINE_METHODS = {  # question -> the methods in the headline table (a regular expression on their names)
@@ -254,8 +255,36 @@ def section_server_load(source: Path, data: dict, base: Path) -> list[str]:
         ["server", "clients", "answered requests/s", "tokens/s", "p50 latency", "p95 latency", "refused (429)"], rows)
 
 
+def section_adaptive(source: Path, data: dict, base: Path) -> list[str]:
+    """The overall table, then per kind: each method's speedup and throughput ratio, and the perfect lossless
+    policy's ceiling with the small model's teacher-forced agreement."""
+    results = data["results"]
+    lines = section_paper_table(source, data, base)
+    kinds = results.get("kinds") or {}
+    if not kinds:
+        return lines
+    ceiling = (results.get("ceiling") or {}).get("kinds", {})
+    names = [name for name in next(iter(kinds.values())) if name != "vanilla"]
+    header = ["kind"] + [f"{name}: speedup / tok/s ratio" for name in names] + [
+        "teacher-forced agreement", "perfect lossless policy"]
+    rows = []
+    for kind, methods in kinds.items():
+        limit = ceiling.get(kind, {})
+        rows.append([kind] + [f"{speed(methods[name]['speedup'], source, base)} / "
+                              f"{methods[name]['throughput_ratio']['median']:.2f}x" for name in names]
+                    + [number(100 * limit["agreement"], source, base, 1, "%") if limit.get("agreement") is not None else "-",
+                       number(limit.get("perfect_lossless_speedup"), source, base, 2, "x")])
+    overall = ceiling.get("overall")
+    note = (f"Over all kinds a perfect lossless policy would reach {overall['perfect_lossless_speedup']:.2f}x "
+            f"(teacher-forced agreement {100 * overall['agreement']:.1f}%, decode cost from the engine's measured "
+            f"small step and large passes, prefill left out)." if overall else "")
+    return lines + ["", "Per kind (speedup = latency ratio over the large model alone, median (min-max); tok/s ratio "
+                    "= throughput ratio, median):", ""] + table(header, rows) + ([""] + [note] if note else [])
+
+
 SECTIONS = {"paper-table": section_paper_table, "lossless": section_lossless, "sweep": section_sweep,
-            "drafter-cost": section_drafter_cost, "kernels": section_kernels, "server-load": section_server_load}
+            "drafter-cost": section_drafter_cost, "kernels": section_kernels, "server-load": section_server_load,
+            "adaptive": section_adaptive}
 
 
 def results_markdown(chosen: dict, base: Path) -> str:

@@ -19,7 +19,8 @@ from conftest import make_pair
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-import common  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import adaptive  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+import common  # noqa: E402
 import paper_table  # noqa: E402
 import results_table  # noqa: E402
 
@@ -175,3 +176,51 @@ def test_the_newest_result_is_used_unless_one_is_cited(tmp_path, capsys):
     (tmp_path / "cited.json").write_text(json.dumps({"paper-table": "gone.json"}))
     assert common.main_guard(results_table.main, argv) == 2
     assert capsys.readouterr().err.strip().endswith("does not exist")
+
+
+# ---- adaptive.py: the perfect-policy ceiling and a tagged run ----------------------------------------------------
+
+def test_a_perfect_policy_drafts_exactly_the_runs_the_large_model_accepts():
+    from bild.policies import DraftCosts
+
+    costs = DraftCosts(small_step=0.1, large_base=1.0, large_per_token=0.02)
+    # the first token comes from the prefill; then a run of 2 (ended by a miss the large pass writes), then 3
+    agrees = [False, True, True, False, True, True, True]
+    assert adaptive.perfect_policy_cost(agrees, costs, longest=10) == pytest.approx(
+        costs.round_time(2) + costs.round_time(3))
+    assert adaptive.perfect_policy_cost([True] * 7, costs, longest=2) == pytest.approx(2 * costs.round_time(2))
+    # a small model that is never right: the large model steps alone, exactly as fast as without drafting
+    assert adaptive.perfect_policy_cost([False] * 7, costs, longest=10) == pytest.approx(6 * costs.large_base)
+
+
+def test_teacher_forced_agreement_is_total_for_a_copy_and_partial_for_another_model():
+    same, other = make_pair("llama", same=True), make_pair("llama", noise=0.5)
+    prompt = [5, 9, 13, 17]
+    greedy = same.large.model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    output = greedy[0, len(prompt):].tolist()
+    assert adaptive.teacher_forced_agreement(same.small, prompt, output) == [True] * 6
+    assert adaptive.teacher_forced_agreement(other.small, prompt, output) != [True] * 6
+
+
+def test_adaptive_reports_every_kind_and_the_ceiling(tmp_path):
+    pair = make_pair("llama", with_eos=True)
+    for role in ("large", "small"):
+        getattr(pair, role).model.save_pretrained(tmp_path / role)
+        getattr(pair, role).tokenizer.save_pretrained(tmp_path / role)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"source": " ".join(f"w{4 + (7 * i + 3 * j) % 90}" for j in range(4 + i)),
+                                        "reference": "w5 w6", "kind": "ab"[i % 2]}) + "\n" for i in range(6)))
+    code = adaptive.main(["--large", str(tmp_path / "large"), "--small", str(tmp_path / "small"), "--dataset",
+                          str(data), "--prompt-template", "{source}", "--per-kind", "2", "--methods",
+                          "bild,bild-lossless", "--max-new-tokens", "6", "--threads", "1", "--results-dir",
+                          str(tmp_path / "results")])
+    assert code == 0
+    (path,) = (tmp_path / "results").iterdir()
+    results = json.loads(path.read_text())["results"]
+    assert results["n"] == 4 and sorted(results["kinds"]) == ["a", "b"]
+    for kind in ("a", "b"):
+        lossless = results["kinds"][kind]["bild-lossless"]
+        assert lossless["exact_match"] == 1.0 and len(lossless["speedup"]["values"]) == 3
+        ceiling = results["ceiling"]["kinds"][kind]
+        assert 0.0 <= ceiling["agreement"] <= 1.0 and ceiling["perfect_lossless_speedup"] >= 1.0
+    assert set(results["ceiling"]["kinds"]) == {"a", "b", "overall"}
