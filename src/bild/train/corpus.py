@@ -271,7 +271,9 @@ class CodeExample:
 
 _BLOCK_TAGS = frozenset({"p", "pre", "h1", "h2", "h3", "h4"})
 _HIDDEN_TAGS = frozenset({"table", "head", "script", "style", "nav"})  # tables: Debian's package synopses (`mixed`)
-_HIDDEN_CLASSES = frozenset({"sphinxsidebar", "related", "footer", "headerlink", "navheader", "navfooter", "toc", "table"})
+_HIDDEN_CLASSES = frozenset({"sphinxsidebar", "related", "footer", "headerlink", "navheader", "navfooter", "toc", "table",
+                             # release history ("Changed in version 3.2: ..."), not explanation
+                             "versionadded", "versionchanged", "deprecated", "deprecated-removed"})
 _VOID_TAGS = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"})
 
 
