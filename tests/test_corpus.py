@@ -315,6 +315,7 @@ def test_broad_prompts_cover_every_kind_deterministically_and_prefix_stable(root
     assert not any("Quit" in p.prompt or "MSA" in p.prompt for p in by_kind["translate"])  # mnemonics, option columns
     assert any(p.reference == "3" for p in by_kind["code"])  # the session's last output
     assert all(p.source.startswith("generated:") and p.reference.isdigit() for p in by_kind["arithmetic"])
+    assert len(tasks.build_broad_prompts(10**9, roots=roots)) < 500  # ends with the text: arithmetic alone does not go on
 
 
 def test_training_prompts_never_show_eval_text(roots):

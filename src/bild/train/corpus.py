@@ -56,7 +56,8 @@ SOURCES = {
     "debian-reference": Source("debian-reference-en", Path("/usr/share/debian-reference"),
                                "GPL-2.0-or-later (Osamu Aoki)"),
     "fortunes": Source("fortunes", Path("/usr/share/games/fortunes"),
-                       "BSD (fortune-mod, University of California); the cookie files from various authors"),
+                       "BSD license of the University of California (advertising clause deleted); the cookies are "
+                       "quotations from many authors, no other terms stated"),
     "catalogs": Source("", Path("/usr/share/locale"), "each catalog under the license of the package that ships it"),
 }
 
@@ -271,7 +272,8 @@ class CodeExample:
 
 _BLOCK_TAGS = frozenset({"p", "pre", "h1", "h2", "h3", "h4"})
 _HIDDEN_TAGS = frozenset({"table", "head", "script", "style", "nav"})  # tables: Debian's package synopses (`mixed`)
-_HIDDEN_CLASSES = frozenset({"sphinxsidebar", "related", "footer", "headerlink", "navheader", "navfooter", "toc", "table",
+_HIDDEN_CLASSES = frozenset({"sphinxsidebar", "related", "footer", "headerlink", "navheader", "navfooter", "toc",
+                             "table",  # the Debian Reference's table captions ("Table 9.1. List of programs ...")
                              # release history ("Changed in version 3.2: ..."), not explanation
                              "versionadded", "versionchanged", "deprecated", "deprecated-removed"})
 _VOID_TAGS = frozenset({"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "wbr"})

@@ -40,6 +40,7 @@ from bild.train.sources import Split
 logger = logging.getLogger(__name__)
 
 KINDS = ("explain", "define", "summarize", "translate", "passage", "list", "compare", "rewrite", "code", "arithmetic")
+_ENDLESS = frozenset({"arithmetic"})  # kinds that need no text and never run out
 MAX_CHARS = 700  # of a passage shown in a prompt (as bild.train.prompts)
 GLOSSARY_TERMS = 4  # definitions in a `passage` prompt's glossary
 PER_PAGE = 2  # sections (or code examples) of a docs page taken before moving to the next page
@@ -115,8 +116,8 @@ def build_broad_prompts(count: int, seed: int = 0, split: Split = "train", roots
                         ) -> list[PromptExample]:
     """``count`` prompts of the ten :data:`KINDS` from the split's text, balanced by kind and shuffled.
 
-    Built in rounds of one prompt of every kind (fewer once a kind has run out of text), each round in a seeded
-    shuffled order. Deterministic for a seed, and prefix-stable: the first n prompts are the same for every
+    Built in rounds of one prompt of every kind (fewer once a kind has run out of text; arithmetic, which needs no
+    text, stops with the last kind that does), each round in a seeded shuffled order. Deterministic for a seed, and prefix-stable: the first n prompts are the same for every
     ``count`` >= n, so a calibration file can grow by resuming. Each kind draws from its own seeded stream and reads
     only the texts it needs, when it needs them.
     """
@@ -124,7 +125,7 @@ def build_broad_prompts(count: int, seed: int = 0, split: Split = "train", roots
     streams = {kind: iter(_KIND_BUILDERS[kind](random.Random(f"{seed}:{split}:{kind}"), texts)) for kind in KINDS}
     order = random.Random(f"{seed}:{split}:order")
     examples: list[PromptExample] = []
-    while len(examples) < count and streams:
+    while len(examples) < count and set(streams) - _ENDLESS:
         round_ = []
         for kind in list(streams):
             example = next(streams[kind], None)
@@ -148,7 +149,8 @@ def iter_raw_passages(split: Split = "train", roots: Roots = Roots()) -> Iterato
         (f"{d.term}\n\n{d.text}" for d in corpus.iter_foldoc(split, roots.foldoc)),
         (f"{p.title}\n\n{p.text}" for p in corpus.iter_python_docs(split, roots.python_docs)),
         (f"{p.title}\n\n{p.text}" for p in corpus.iter_debian_reference(split, roots.debian_reference)),
-        ("\n\n".join(p.text for p in group) for group in _batched(corpus.iter_fortunes(split, roots.fortunes), RAW_GROUP)),
+        ("\n\n".join(p.text for p in cookies)
+         for cookies in _batched(corpus.iter_fortunes(split, roots.fortunes), RAW_GROUP)),
     )
 
 
@@ -181,8 +183,8 @@ def _summarize(rng: random.Random, texts: _Texts) -> Iterator[PromptExample]:
     sections = (PromptExample(f"Summarize in one sentence:\n\n{clip(p.text, MAX_CHARS)}", first_sentence(p.text),
                               _name(p), "summarize")
                 for p in _manual_passages(rng, texts) if _sentences(p.text) >= 2)
-    entries = (_tagged(f"Summarize this dictionary entry about '{d.term}' in one sentence:\n\n{clip(d.text, MAX_CHARS)}",
-                       first_sentence(d.text), d, "summarize")
+    entries = (_tagged(f"Summarize this dictionary entry about '{d.term}' in one sentence:\n\n"
+                       f"{clip(d.text, MAX_CHARS)}", first_sentence(d.text), d, "summarize")
                for d in _shuffled(rng, texts.foldoc) if _sentences(d.text) >= 3)
     return _alternate(sections, entries)
 
@@ -194,7 +196,8 @@ def _translate(rng: random.Random, texts: _Texts) -> Iterator[PromptExample]:
         for t in _shuffled(rng, list(unique.values())):
             source = f"catalog:{t.domain}/{code}"
             if rng.random() < 0.5:
-                yield PromptExample(f"Translate into {LANGUAGES[code]}:\n{t.english}", t.translated, source, "translate")
+                prompt = f"Translate into {LANGUAGES[code]}:\n{t.english}"
+                yield PromptExample(prompt, t.translated, source, "translate")
             else:
                 yield PromptExample(f"Translate into English:\n{t.translated}", t.english, source, "translate")
     return _alternate(*(language_stream(code) for code in LANGUAGES))
@@ -234,7 +237,8 @@ def _compare(rng: random.Random, texts: _Texts) -> Iterator[PromptExample]:
                          f"{_capitalized(second.term)}: {_short(second)}")
             yield PromptExample(prompt, reference, f"{first.source}:{first.term}|{second.term}", "compare")
 
-    return _alternate(pairs(texts.wordnet, "Both are kinds of {}."), pairs(texts.foldoc, "Both are terms of computing ({})."))
+    return _alternate(pairs(texts.wordnet, "Both are kinds of {}."),
+                      pairs(texts.foldoc, "Both are terms of computing ({})."))
 
 
 def _rewrite(rng: random.Random, texts: _Texts) -> Iterator[PromptExample]:
@@ -255,7 +259,7 @@ def _code(rng: random.Random, texts: _Texts) -> Iterator[PromptExample]:
     for example in (example for example in examples if example.code.count("\n") < 20):
         session = session_output(example.code)
         if session is not None:
-            prompt = f"What does the last line of this Python session print?\n\n{session[0]}"
+            prompt = f"What does the last line of this Python session output?\n\n{session[0]}"
             yield PromptExample(prompt, session[1], f"python-docs:{example.name}", "code")
         elif example.context and _is_python(example.code):
             prompt = f"Explain what this Python code does:\n\n{example.code}"
@@ -288,8 +292,8 @@ def _arithmetic(rng: random.Random, texts: _Texts) -> Iterator[PromptExample]:
 
 def _multiply(rng: random.Random) -> tuple[str, int]:
     packs, per_pack = rng.randint(2, 30), rng.randint(2, 24)
-    return f"{rng.choice(_NAMES)} buys {packs} packs of pencils with {per_pack} in each pack. How many pencils?", \
-        packs * per_pack
+    question = f"{rng.choice(_NAMES)} buys {packs} packs of pencils with {per_pack} in each pack. How many pencils?"
+    return question, packs * per_pack
 
 
 def _subtract(rng: random.Random) -> tuple[str, int]:
@@ -312,8 +316,8 @@ def _two_steps(rng: random.Random) -> tuple[str, int]:
     start, more = rng.randint(5, 90), rng.randint(2, 50)
     given = rng.randint(1, start + more)
     name = rng.choice(_NAMES)
-    return f"{name} has {start} stamps, gets {more} more and gives away {given}. How many stamps does {name} have now?", \
-        start + more - given
+    question = f"{name} has {start} stamps, gets {more} more and gives away {given}. How many stamps does {name} have?"
+    return question, start + more - given
 
 
 def _boxes(rng: random.Random) -> tuple[str, int]:
