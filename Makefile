@@ -4,10 +4,11 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+LITTLE_PACKAGES ?= data/little-packages.txt
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test little clean
+.PHONY: setup demo test little little-packages clean
 
 setup: $(STAMP)
 
@@ -28,7 +29,7 @@ test: setup
 	$(VENV)/bin/lint-imports --no-cache  # the architecture contracts in pyproject.toml: no import cycles, no upward imports
 	$(PY) -m pytest -q
 
-little: setup
+little: setup little-packages
 	mkdir -p build/little
 	# Starts from the committed calibration data (the large model's greedy outputs, data/README.md), which spares
 	# ~50 min of generation; `make little LITTLE_FROM_SCRATCH=1` generates them again (the same records).
@@ -40,6 +41,17 @@ little: setup
 	  pid=$$!; $(VENV)/bin/bild little --variants aligned --threads 1 > build/little/make-aligned.log 2>&1; status=$$?; \
 	  wait $$pid && test $$status -eq 0'
 	cat build/little/make-calibration.log build/little/make-unaligned.log build/little/make-aligned.log | tr '\r' '\n' > build/little/little-model.log
+
+# The Debian packages of the broad training text (bild.train.corpus): apt-get only when some are missing.
+little-packages:
+	@command -v dpkg-query >/dev/null || { echo "not a Debian system: install the text of $(LITTLE_PACKAGES) by hand" >&2; exit 1; }
+	@missing=$$(for package in $$(sed 's/#.*//' $(LITTLE_PACKAGES)); do \
+	  dpkg-query -W -f='$${db:Status-Status}' $$package 2>/dev/null | grep -qx installed || echo $$package; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" != 0 ]; then \
+	  echo "missing Debian packages:" $$missing "- as root: apt-get update && apt-get install -y" $$missing >&2; exit 1; fi; \
+	echo "installing the Debian packages of the training text:" $$missing; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing
 
 clean:
 	rm -rf $(VENV)

@@ -1,8 +1,9 @@
 """`mixed`: an offline evaluation set of six kinds of prompt, built from text the machine carries and no little model
-was trained on (the little models saw Python docstrings only; the man pages stay reserved for `mansum`).
+is trained on (training never reads the package descriptions; the man pages stay reserved for `mansum`).
 
 - translate: English user-interface messages into German, French or Spanish, with the translators' own strings as
-  references (the gettext catalogs installed packages ship in /usr/share/locale);
+  references, from the gettext catalogs in /usr/share/locale that :func:`bild.train.corpus.is_eval_catalog` reserves
+  for evaluation (training translates the other catalogs' messages, and never an English message these have);
 - summarize: a Debian package's long description in one sentence, its synopsis as reference (/var/lib/dpkg/status);
 - question: "what is the X package for?", answered from the model's own knowledge, the synopsis as reference;
 - passage: the same question asked about a given passage (another package's description), answered from it;
@@ -18,7 +19,6 @@ bild ships none of it.
 
 from __future__ import annotations
 
-import gettext
 import hashlib
 import random
 import re
@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Iterator
 
 from bild.eval.docsum import write_examples
+from bild.train.corpus import LANGUAGES, CorpusSourceMissing, iter_translations
 
 PER_KIND = 24
 KINDS = ("translate", "summarize", "question", "passage", "arithmetic", "write")
 DPKG_STATUS = Path("/var/lib/dpkg/status")
-LOCALE_DIR = Path("/usr/share/locale")
-LANGUAGES = {"de": "German", "fr": "French", "es": "Spanish"}
 MIN_DESCRIPTION_CHARS, MAX_DESCRIPTION_CHARS = 200, 900
 
 
@@ -43,7 +42,7 @@ class MixedSourcesMissing(RuntimeError):
 def default_path() -> Path:
     from bild.models import cache_dir
 
-    return cache_dir() / "mixed.jsonl"
+    return cache_dir() / "mixed-v2.jsonl"  # v2: translations from the eval-reserved catalogs only
 
 
 def ensure_built(path: Path | None = None) -> Path:
@@ -141,15 +140,15 @@ def _translations(count: int) -> Iterator[dict]:
 
 
 def _catalog_sentences(code: str) -> Iterator[tuple[str, str]]:
-    for catalog in sorted((LOCALE_DIR / code / "LC_MESSAGES").glob("*.mo")):
-        try:
-            with catalog.open("rb") as handle:
-                messages = gettext.GNUTranslations(handle)._catalog  # msgid -> msgstr (no public accessor)
-        except (OSError, ValueError):  # unreadable, or not UTF-8 (UnicodeDecodeError is a ValueError)
-            continue
-        for english, translated in messages.items():
-            if isinstance(english, str) and isinstance(translated, str) and _is_sentence(english) and translated.strip():
-                yield english.strip(), translated.strip()
+    """(English, translation) sentences of the language's eval-reserved catalogs; none when it has no catalogs (the
+    other languages then fill the kind, or build() reports it short)."""
+    try:
+        translations = list(iter_translations(code, split="eval"))
+    except CorpusSourceMissing:
+        return
+    for translation in translations:
+        if _is_sentence(translation.english):
+            yield translation.english, translation.translated
 
 
 def _is_sentence(text: str) -> bool:

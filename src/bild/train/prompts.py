@@ -19,19 +19,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PromptExample:
-    """An instruction-style prompt built from one stdlib docstring and a reference answer taken from the real text."""
+    """An instruction-style prompt built from real text and a reference answer taken from that text."""
 
     prompt: str
-    reference: str  # real text (the docstring's own words) used as the unaligned model's target
-    source: str  # dotted name of the documented object
+    reference: str  # real text (e.g. the docstring's own words) used as the unaligned model's target
+    source: str  # where the text is: a documented object's dotted name, or "wordnet:dog" (bild.train.tasks)
+    kind: str = ""  # the kind of prompt of bild.train.tasks ("define", "translate", ...); "" for docstring prompts
 
 
-def _first_sentence(text: str) -> str:
+def first_sentence(text: str) -> str:
+    """The text up to its first sentence end (., ! or ? before a space or the end), or all of it."""
     match = re.match(r"(.+?[.!?])(\s|$)", text, flags=re.S)
     return (match.group(1) if match else text).strip()
 
 
-def _clip(text: str, limit: int) -> str:
+def clip(text: str, limit: int) -> str:
+    """At most ``limit`` characters, cut at a word boundary and marked with " ..." when cut."""
     return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
@@ -40,24 +43,24 @@ def _example(doc: Docstring, rng: random.Random, max_chars: int) -> PromptExampl
     prose = paragraphs(doc.text, min_chars=60)
     if not prose:
         return None
-    paragraph = _clip(rng.choice(prose), max_chars)
-    body = _clip("\n\n".join(prose[:3]), max_chars)
+    paragraph = clip(rng.choice(prose), max_chars)
+    body = clip("\n\n".join(prose[:3]), max_chars)
     name = doc.dotted_name
     kind = rng.randrange(7)
     if kind == 0:
-        return PromptExample(f"Summarize in one sentence:\n\n{paragraph}", _first_sentence(paragraph), name)
+        return PromptExample(f"Summarize in one sentence:\n\n{paragraph}", first_sentence(paragraph), name)
     if kind == 1:
         return PromptExample(f"Explain what `{name}` does, based on its documentation:\n\n{body}", prose[0], name)
     if kind == 2:
         return PromptExample(f"Rewrite this more simply:\n\n{paragraph}", paragraph, name)
     if kind == 3:
-        return PromptExample(f"What is `{name}` used for in Python? Answer briefly.", _first_sentence(prose[0]), name)
+        return PromptExample(f"What is `{name}` used for in Python? Answer briefly.", first_sentence(prose[0]), name)
     if kind == 4:
         return PromptExample(f"Explain this to a beginner:\n\n{paragraph}", paragraph, name)
     if kind == 5:
         return PromptExample(f"List the key points of this text:\n\n{body}", body, name)
     return PromptExample(f"Read this documentation and give a short answer: what does it describe?\n\n{paragraph}",
-                         _first_sentence(paragraph), name)
+                         first_sentence(paragraph), name)
 
 
 def build_prompts(count: int, seed: int = 0, max_chars: int = 700, max_rounds: int = 3) -> list[PromptExample]:
