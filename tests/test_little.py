@@ -157,17 +157,31 @@ def test_shipped_little_models_load_by_name_and_fit_the_budget():
 
 
 @pytest.mark.slow
-def test_bild_little_calibration_only_writes_calibration_and_no_weights(tmp_path):
+def test_bild_little_calibration_only_writes_calibration_and_no_weights(tmp_path, monkeypatch):
     import json
 
+    import bild.train.little
     from bild.cli import main
+    from bild.train.prompts import PromptExample
 
+    asked = []
+
+    def broad_prompts(count: int, seed: int = 0) -> list[PromptExample]:  # the corpus's packages may be missing here
+        asked.append((count, seed))
+        return [PromptExample("Define in one sentence: harbour", "a sheltered port", "wordnet:harbour", "define"),
+                PromptExample("Translate into German:\nOpen the file.", "Datei öffnen.", "catalog:x/de", "translate")]
+
+    monkeypatch.setattr(bild.train.little, "build_broad_prompts", broad_prompts)
     out, work = tmp_path / "weights", tmp_path / "work"
-    code = main(["little", "--calibration-only", "--prompts", "2", "--out", str(out), "--work-dir", str(work)])
+    code = main(["little", "--calibration-only", "--prompts", "2", "--broad-prompts", "2", "--out", str(out),
+                 "--work-dir", str(work)])
     assert code == 0
     records = [json.loads(line) for line in (work / "calibration.jsonl").read_text().splitlines()]
     assert sorted(record["index"] for record in records) == [0, 1]
     assert all(record["output_ids"] for record in records)
+    broad = [json.loads(line) for line in (work / "calibration-broad.jsonl").read_text().splitlines()]
+    assert asked == [(2, 0)] and [record["prompt"] for record in sorted(broad, key=lambda r: r["index"])] == [
+        "Define in one sentence: harbour", "Translate into German:\nOpen the file."]
     assert not list(out.glob("*"))  # the variants are trained by separate runs; the shipped report is left alone
 
 

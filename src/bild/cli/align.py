@@ -60,6 +60,9 @@ def register(subparsers) -> None:
     little.add_argument("--prompts", type=int, help="number of prompts (default: LittleConfig.prompts)")
     little.add_argument("--package-prompts", type=int,
                         help="more prompts about the docstrings of torch, one per docstring (default: LittleConfig's)")
+    little.add_argument("--broad-prompts", type=int,
+                        help="more prompts of ten kinds from the broad corpus of Debian packages' text "
+                             "(bild.train.tasks; needs make little-packages) (default: LittleConfig's)")
     little.add_argument("--variants", default="aligned,unaligned", help="comma-separated (default: %(default)s)")
     little.add_argument("--calibration-only", action="store_true",
                         help="only generate the calibration data (then train variants in separate processes)")
@@ -159,6 +162,7 @@ def _layer_list(text: str) -> tuple[int, ...]:
 
 
 def run_little(args: argparse.Namespace) -> int:
+    from bild.train.corpus import CorpusSourceMissing
     from bild.train.little import LittleConfig, build_default_little
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -171,6 +175,8 @@ def run_little(args: argparse.Namespace) -> int:
             config = replace(config, prompts=_at_least_one("--prompts", args.prompts))
         if args.package_prompts is not None:
             config = replace(config, package_prompts=_non_negative("--package-prompts", args.package_prompts))
+        if args.broad_prompts is not None:
+            config = replace(config, broad_prompts=_non_negative("--broad-prompts", args.broad_prompts))
         if args.epochs is not None:
             config = replace(config, train=replace(config.train, epochs=_positive("--epochs", args.epochs)))
         if args.kl_weight is not None:
@@ -194,7 +200,7 @@ def run_little(args: argparse.Namespace) -> int:
         if args.calibration_only:
             variants = ()
         report = build_default_little(args.out, args.work_dir, config, variants)
-    except ValueError as error:
+    except (ValueError, CorpusSourceMissing) as error:  # CorpusSourceMissing names the apt-get command
         return fail("little", str(error))
     print(json.dumps(asdict(report), indent=2))
     for variant in report.variants:

@@ -31,6 +31,7 @@ from bild.train.align import (
 )
 from bild.train.cost import measure_decode_cost
 from bild.train.prompts import PromptExample, build_package_prompts, build_prompts, prompts_per_round
+from bild.train.tasks import build_broad_prompts
 from bild.train.sources import LICENSE, PACKAGE_LICENSES
 
 logger = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class LittleConfig:
     heldout_every: int = 10  # docstrings 0, 10, 20, ... (every round's prompts on them) give the agreement figures
     package: str = "torch"  # an installed package whose docstrings give more prompts (pinned by every set-up path)
     package_prompts: int = 0  # prompts about its docstrings, one per docstring, held out like the stdlib's
+    broad_prompts: int = 0  # prompts of ten kinds from the broad corpus (bild.train.tasks), every tenth held out
     init_layers: tuple[int, ...] = (0, 6, 12, 18, 24, 29)  # large-model layers the little model's layers start from
     delta_rank: int = 64  # > 0: those layers stay frozen and only low-rank deltas of this rank (and norms) are trained
     draft_vocab_size: int = 8192  # tokens the int8 drafting head keeps (bild.drafters.quantize.DraftHead), from training data
@@ -67,12 +69,14 @@ class VariantReport:
     agreement_after: float
     weights_mb: float
     agreement_package: float | None = None  # on the held-out prompts about the package's docstrings, if any
+    agreement_broad: float | None = None  # on the held-out broad prompts, if any
 
 
 @dataclass(frozen=True)
 class HeldOut:
     stdlib: list[CalibrationRecord]  # prompts about held-out stdlib docstrings: the agreement figure of the report
     package: list[CalibrationRecord]  # prompts about held-out package docstrings (empty without package prompts)
+    broad: list[CalibrationRecord] = field(default_factory=list)  # held-out broad prompts (empty without them)
 
 
 @dataclass(frozen=True)
@@ -141,9 +145,10 @@ def evaluate_and_save(large: LoadedModel, variant: str, little: LoadedModel, res
     before = agreement(build_little(large, config.init_layers, config.delta_rank), heldout.stdlib, config.train)
     after = agreement(little, heldout.stdlib, config.train)
     on_package = agreement(little, heldout.package, config.train) if heldout.package else None
+    on_broad = agreement(little, heldout.broad, config.train) if heldout.broad else None
     logger.info("%s: agreement %.3f -> %.3f (%d steps, %.0f s)", variant, before, after, result.steps, result.seconds)
     report = VariantReport(variant, len(train_records), result.train_tokens, result.steps, result.first_loss,
-                           result.final_loss, result.seconds, before, after, 0.0, on_package)
+                           result.final_loss, result.seconds, before, after, 0.0, on_package, on_broad)
     vocab = training_draft_vocabulary(large, train_records, config)
     path = save_little(little, variant, config.init_layers, asdict(report), out_dir, config.delta_rank, vocab)
     report = replace(report, weights_mb=round(path.stat().st_size / 1e6, 2))
@@ -153,6 +158,10 @@ def evaluate_and_save(large: LoadedModel, variant: str, little: LoadedModel, res
 
 def package_calibration_path(work_dir: Path, config: LittleConfig) -> Path:
     return work_dir / f"calibration-{config.package}.jsonl"
+
+
+def broad_calibration_path(work_dir: Path) -> Path:
+    return work_dir / "calibration-broad.jsonl"
 
 
 def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = LittleConfig(),
@@ -170,23 +179,29 @@ def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = L
     package_examples = (build_package_prompts(config.package, config.package_prompts, seed=config.seed)
                         if config.package_prompts else [])
     package_round = config.package_prompts  # one round: every index is below it, so held out by index alone
+    broad_examples = build_broad_prompts(config.broad_prompts, seed=config.seed) if config.broad_prompts else []
+    broad_round = config.broad_prompts  # each prompt has its own text: held out by index alone, as the package's
     trained: dict[str, tuple[LoadedModel, TrainResult, list[CalibrationRecord]]] = {}
     if "unaligned" in variants:
         real_text = (reference_records(large, examples, config)
-                     + reference_records(large, package_examples, config, per_round=package_round))
+                     + reference_records(large, package_examples, config, per_round=package_round)
+                     + reference_records(large, broad_examples, config, per_round=broad_round))
         little = build_little(large, config.init_layers, config.delta_rank)
         trained["unaligned"] = (little, finetune(little, real_text, config.train), real_text)
     started = time.perf_counter()
     records = _generated(large, examples, work_dir / "calibration.jsonl", config)
     package_records = (_generated(large, package_examples, package_calibration_path(work_dir, config), config)
                        if package_examples else [])
+    broad_records = (_generated(large, broad_examples, broad_calibration_path(work_dir), config)
+                     if broad_examples else [])
     calibration_seconds = time.perf_counter() - started
     train_records, heldout_stdlib = split_by_index(records, config.heldout_every)
     package_train, heldout_package = split_by_index(package_records, config.heldout_every, package_round)
-    heldout = HeldOut(heldout_stdlib, heldout_package)
+    broad_train, heldout_broad = split_by_index(broad_records, config.heldout_every, broad_round)
+    heldout = HeldOut(heldout_stdlib, heldout_package, heldout_broad)
     if "aligned" in variants:
         little = build_little(large, config.init_layers, config.delta_rank)
-        aligned_records = train_records + package_train
+        aligned_records = train_records + package_train + broad_train
         trained["aligned"] = (little, finetune(little, aligned_records, config.train), aligned_records)
     for variant, (little, result, variant_records) in sorted(trained.items()):
         evaluate_and_save(large, variant, little, result, variant_records, heldout, config, out_dir)
@@ -197,11 +212,13 @@ def build_default_little(out_dir: Path, work_dir: Path, config: LittleConfig = L
     source = f"docstrings of the Python standard library ({LICENSE}); eval-reserved modules excluded"
     if package_examples:
         source += f"; docstrings of {config.package} ({PACKAGE_LICENSES.get(config.package, 'see its license')})"
+    if broad_examples:
+        source += "; the broad corpus of Debian packages' text (bild.train.corpus.SOURCES, data/README.md)"
     report = LittleReport(
         config=json.loads(json.dumps(asdict(config))),
         text_source=source,
-        prompts=len(examples) + len(package_examples),
-        calibration_records=len(records) + len(package_records),
+        prompts=len(examples) + len(package_examples) + len(broad_examples),
+        calibration_records=len(records) + len(package_records) + len(broad_records),
         heldout_records=len(heldout.stdlib),
         heldout_target_tokens=sum(min(len(r.output_ids), config.train.max_target_tokens) for r in heldout.stdlib),
         calibration_seconds=calibration_seconds,

@@ -117,8 +117,9 @@ def build_broad_prompts(count: int, seed: int = 0, split: Split = "train", roots
     """``count`` prompts of the ten :data:`KINDS` from the split's text, balanced by kind and shuffled.
 
     Built in rounds of one prompt of every kind (fewer once a kind has run out of text; arithmetic, which needs no
-    text, stops with the last kind that does), each round in a seeded shuffled order. Deterministic for a seed, and prefix-stable: the first n prompts are the same for every
-    ``count`` >= n, so a calibration file can grow by resuming. Each kind draws from its own seeded stream and reads
+    text, stops with the last kind that does), each round in a seeded shuffled order. Deterministic for a seed, and
+    prefix-stable: the first n prompts are the same for every ``count`` >= n, so a calibration file can grow by
+    resuming. Each kind draws from its own seeded stream and reads
     only the texts it needs, when it needs them.
     """
     texts = _Texts(split, roots)
