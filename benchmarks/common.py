@@ -206,6 +206,33 @@ def add_docsum_arguments(parser: argparse.ArgumentParser, limit: int = 20) -> No
     parser.add_argument("--small", default=DEFAULT_SMALL, help="(default: %(default)s)")
 
 
+def add_method_arguments(parser: argparse.ArgumentParser, methods: str) -> None:
+    """--methods and the BiLD settings (the paper's thresholds by default) of the harness-based scripts."""
+    from bild.config import BiLDConfig
+
+    parser.add_argument("--methods", default=methods, help="comma-separated; vanilla always runs (default: %(default)s)")
+    parser.add_argument("--fallback-threshold", type=float, default=0.6, help="alpha_FB (default: %(default)s)")
+    parser.add_argument("--rollback-threshold", type=float, default=5.0, help="alpha_RB (default: %(default)s)")
+    parser.add_argument("--max-small-steps", type=int, default=10, help="N (default: %(default)s)")
+    parser.add_argument("--repeat-ngram", type=int, default=BiLDConfig().repeat_ngram,
+                        help="bild's repetition guard (not in the paper); 0 = off (default: %(default)s)")
+
+
+def chosen_methods(args: argparse.Namespace):
+    """(method names, vanilla first; the BiLDConfig) from :func:`add_method_arguments`' flags; unknown names refused."""
+    from bild.config import BiLDConfig
+    from bild.eval.methods import method_names
+
+    names = ["vanilla"] + [name for name in dict.fromkeys(args.methods.split(",")) if name and name != "vanilla"]
+    unknown = [name for name in names if name not in method_names()]
+    if unknown:
+        raise BenchmarkError(f"unknown method {', '.join(unknown)}; choose from {', '.join(method_names())}")
+    config = BiLDConfig(fallback_threshold=args.fallback_threshold, rollback_threshold=args.rollback_threshold,
+                        max_small_steps=args.max_small_steps, max_new_tokens=args.max_new_tokens,
+                        repeat_ngram=args.repeat_ngram)
+    return names, config
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Set the threads; refuse impossible values before any model loads."""
     if args.threads < 1:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_pair
+from conftest import make_pair, save_pair
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -203,14 +203,11 @@ def test_teacher_forced_agreement_is_total_for_a_copy_and_partial_for_another_mo
 
 
 def test_adaptive_reports_every_kind_and_the_ceiling(tmp_path):
-    pair = make_pair("llama", with_eos=True)
-    for role in ("large", "small"):
-        getattr(pair, role).model.save_pretrained(tmp_path / role)
-        getattr(pair, role).tokenizer.save_pretrained(tmp_path / role)
+    large, small = save_pair(tmp_path, "llama", with_eos=True)
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps({"source": " ".join(f"w{4 + (7 * i + 3 * j) % 90}" for j in range(4 + i)),
                                         "reference": "w5 w6", "kind": "ab"[i % 2]}) + "\n" for i in range(6)))
-    code = adaptive.main(["--large", str(tmp_path / "large"), "--small", str(tmp_path / "small"), "--dataset",
+    code = adaptive.main(["--large", str(large), "--small", str(small), "--dataset",
                           str(data), "--prompt-template", "{source}", "--per-kind", "2", "--methods",
                           "bild,bild-lossless", "--max-new-tokens", "6", "--threads", "1", "--results-dir",
                           str(tmp_path / "results")])
