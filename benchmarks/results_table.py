@@ -64,29 +64,42 @@ def read_result(path: Path) -> dict:
     return data
 
 
-def choose(results_dir: Path, cited: Path | None) -> dict[str, tuple[Path, dict]]:
-    """question -> (file, its data): the cited file, else the newest by provenance date (then by name)."""
-    chosen: dict[str, tuple[Path, dict]] = {}
+def choose(results_dir: Path, cited: Path | None) -> dict[str, list[tuple[Path, dict]]]:
+    """question -> [(file, its data)]: the files cited for it, else the newest by provenance date (then by name) for
+    each dataset it was run on. benchmarks/cited.json names one file or a list of files per question."""
+    newest: dict[tuple[str, str], tuple[Path, dict]] = {}
     for path in sorted(results_dir.glob("*.json")):
         data = read_result(path)
-        key = (data["provenance"].get("date_utc") or "", path.name)
-        current = chosen.get(data["question"])
-        if current is None or key > (current[1]["provenance"].get("date_utc") or "", current[0].name):
-            chosen[data["question"]] = (path, data)
+        key = (data["question"], str(data["results"].get("dataset", "")))
+        current = newest.get(key)
+        if current is None or _date_key(path, data) > _date_key(*current):
+            newest[key] = (path, data)
+    chosen: dict[str, list[tuple[Path, dict]]] = {}
+    for (question, _), entry in sorted(newest.items()):
+        chosen.setdefault(question, []).append(entry)
     if cited is not None and cited.is_file():
         try:
             names = json.loads(cited.read_text(encoding="utf-8"))
         except json.JSONDecodeError as error:
             raise BenchmarkError(f"{cited} is not valid JSON ({error.msg})") from None
-        for question, name in names.items():
-            path = results_dir / name
-            if not path.is_file():
-                raise BenchmarkError(f"{cited} cites {name} for {question!r}, but {path} does not exist")
-            data = read_result(path)
-            if data["question"] != question:
-                raise BenchmarkError(f"{cited} cites {name} for {question!r}, but it answers {data['question']!r}")
-            chosen[question] = (path, data)
+        for question, files in names.items():
+            chosen[question] = [_cited(results_dir, cited, question, name)
+                                for name in ([files] if isinstance(files, str) else files)]
     return chosen
+
+
+def _date_key(path: Path, data: dict) -> tuple[str, str]:
+    return data["provenance"].get("date_utc") or "", path.name
+
+
+def _cited(results_dir: Path, cited: Path, question: str, name: str) -> tuple[Path, dict]:
+    path = results_dir / name
+    if not path.is_file():
+        raise BenchmarkError(f"{cited} cites {name} for {question!r}, but {path} does not exist")
+    data = read_result(path)
+    if data["question"] != question:
+        raise BenchmarkError(f"{cited} cites {name} for {question!r}, but it answers {data['question']!r}")
+    return path, data
 
 
 # ---- formatting ------------------------------------------------------------------------------------------------
@@ -153,7 +166,7 @@ def headline(chosen: dict, base: Path) -> list[str]:
     for question in ("paper-table", "lossless"):
         if question not in chosen:
             continue
-        source, data = chosen[question]
+        source, data = chosen[question][0]
         results = data["results"]
         script = link(QUESTIONS[question][0], BENCHMARKS / QUESTIONS[question][0], base)
         for name, method in results["methods"].items():
@@ -260,10 +273,14 @@ def section_adaptive(source: Path, data: dict, base: Path) -> list[str]:
     policy's ceiling with the small model's teacher-forced agreement."""
     results = data["results"]
     lines = section_paper_table(source, data, base)
+    ceiling = (results.get("ceiling") or {}).get("kinds", {})
+    overall = ceiling.get("overall")
+    note = [f"Over all examples a perfect lossless policy would reach {overall['perfect_lossless_speedup']:.2f}x "
+            f"(teacher-forced agreement {100 * overall['agreement']:.1f}%, decode cost from the engine's measured "
+            f"small step and large passes, prefill left out)."] if overall else []
     kinds = results.get("kinds") or {}
     if not kinds:
-        return lines
-    ceiling = (results.get("ceiling") or {}).get("kinds", {})
+        return lines + [""] + note if note else lines
     names = [name for name in next(iter(kinds.values())) if name != "vanilla"]
     header = ["kind"] + [f"{name}: speedup / tok/s ratio" for name in names] + [
         "teacher-forced agreement", "perfect lossless policy"]
@@ -274,12 +291,8 @@ def section_adaptive(source: Path, data: dict, base: Path) -> list[str]:
                               f"{methods[name]['throughput_ratio']['median']:.2f}x" for name in names]
                     + [number(100 * limit["agreement"], source, base, 1, "%") if limit.get("agreement") is not None else "-",
                        number(limit.get("perfect_lossless_speedup"), source, base, 2, "x")])
-    overall = ceiling.get("overall")
-    note = (f"Over all kinds a perfect lossless policy would reach {overall['perfect_lossless_speedup']:.2f}x "
-            f"(teacher-forced agreement {100 * overall['agreement']:.1f}%, decode cost from the engine's measured "
-            f"small step and large passes, prefill left out)." if overall else "")
     return lines + ["", "Per kind (speedup = latency ratio over the large model alone, median (min-max); tok/s ratio "
-                    "= throughput ratio, median):", ""] + table(header, rows) + ([""] + [note] if note else [])
+                    "= throughput ratio, median):", ""] + table(header, rows) + ([""] + note if note else [])
 
 
 SECTIONS = {"paper-table": section_paper_table, "lossless": section_lossless, "sweep": section_sweep,
@@ -300,8 +313,10 @@ def results_markdown(chosen: dict, base: Path) -> str:
         if question not in chosen:
             lines.append(f"No result yet: `python benchmarks/{script}`.")
             continue
-        source, data = chosen[question]
-        lines += SECTIONS[question](source, data, base) + ["", stamp_line(data, source, base)]
+        for source, data in chosen[question]:
+            if len(chosen[question]) > 1:
+                lines += [f"### {data['results'].get('dataset', source.stem)}", ""]
+            lines += SECTIONS[question](source, data, base) + ["", stamp_line(data, source, base), ""]
     return "\n".join(lines) + "\n"
 
 

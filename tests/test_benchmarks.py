@@ -27,14 +27,14 @@ import results_table  # noqa: E402
 README = "# project\n\nintro\n\n<!-- results:start -->\nold table\n<!-- results:end -->\n\nafter\n"
 
 
-def fake_result(results_dir: Path, speedup: float, date: str) -> Path:
+def fake_result(results_dir: Path, speedup: float, date: str, dataset: str = "docsum") -> Path:
     """A paper-table result file as paper_table.py writes it, with made-up figures and date."""
     stamp = common.provenance("benchmarks/paper_table.py", ["--limit", "2"])
     stamp["date_utc"] = date
     method = {"tokens_per_s": common.spread([10, 11, 12]), "rougeL": 12.5, "rep4": 1.0, "exact_match": 0.5,
               "fallback_rate": 0.1, "rollback_rate": 0.02, "tokens_per_large_pass": 3.25, "same_outputs_every_repeat": True}
     results = {
-        "dataset": "docsum", "n": 2, "repeats": 3,
+        "dataset": dataset, "n": 2, "repeats": 3,
         "config": {"max_new_tokens": 8, "fallback_threshold": 0.6, "rollback_threshold": 5.0, "max_small_steps": 10},
         "methods": {"vanilla": {**method, "speedup": common.spread([1, 1, 1]), "fallback_rate": None,
                                 "exact_match": 1.0, "tokens_per_large_pass": None},
@@ -176,6 +176,23 @@ def test_the_newest_result_is_used_unless_one_is_cited(tmp_path, capsys):
     (tmp_path / "cited.json").write_text(json.dumps({"paper-table": "gone.json"}))
     assert common.main_guard(results_table.main, argv) == 2
     assert capsys.readouterr().err.strip().endswith("does not exist")
+
+
+def test_each_dataset_keeps_its_newest_result_and_a_list_cites_several(tmp_path):
+    results = tmp_path / "results"
+    docsum = fake_result(results, 1.25, "2026-01-01T00:00:00Z")
+    mansum = fake_result(results, 0.95, "2026-01-02T00:00:00Z", dataset="mansum")
+    argv = ["--results-dir", str(results), "--out", str(tmp_path / "R.md"), "--no-readme", "--cited", str(tmp_path / "cited.json")]
+    assert results_table.main(argv) == 0
+    text = (tmp_path / "R.md").read_text()
+    assert "### docsum" in text and "### mansum" in text and "[1.25x]" in text and "[0.95x]" in text
+    (tmp_path / "cited.json").write_text(json.dumps({"paper-table": [mansum.name]}))
+    assert results_table.main(argv) == 0
+    text = (tmp_path / "R.md").read_text()
+    assert "[0.95x]" in text and "[1.25x]" not in text and "###" not in text
+    (tmp_path / "cited.json").write_text(json.dumps({"paper-table": [docsum.name, mansum.name]}))
+    assert results_table.main(argv) == 0
+    assert "[1.25x]" in (tmp_path / "R.md").read_text() and "[0.95x]" in (tmp_path / "R.md").read_text()
 
 
 # ---- adaptive.py: the perfect-policy ceiling and a tagged run ----------------------------------------------------
