@@ -78,6 +78,26 @@ def test_cli_serves_on_a_local_ray_and_leaves_no_ray_process_after_sigterm(tmp_p
             process.wait()
 
 
+def test_a_proxy_that_does_not_start_is_one_line_and_ray_is_stopped(monkeypatch, capsys):
+    """On a busy machine Ray Serve may kill an HTTP proxy that misses its health checks: one line, exit 2."""
+    from bild.cli import main
+
+    calls = []
+
+    def proxy_died(**_options):
+        raise ray.exceptions.ActorDiedError()
+
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # keep pytest's own handlers
+    monkeypatch.setattr(ray, "init", lambda **_: calls.append("init"))
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(serve, "start", proxy_died)
+    monkeypatch.setattr(serve, "shutdown", lambda: calls.append("serve.shutdown"))
+    assert main(["serve", "--ray", "--large", "some-large", "--small", "some-small"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("bild serve: error: Ray Serve's HTTP proxy did not start:"), error
+    assert calls == ["init", "serve.shutdown", "shutdown"]
+
+
 def test_ray_data_answers_twenty_prompts_as_the_local_run_does(tmp_path, capsys):
     """Runs before the module's Serve cluster starts: the command starts (and stops) a local Ray of its own."""
     from bild.cli import main

@@ -163,7 +163,10 @@ def _run_on_ray(args: argparse.Namespace, defaults) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs a SIGTERM handler of its own
         signal.signal(signum, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        try:
+            serve.start(http_options={"host": args.host, "port": args.port})
+        except Exception as error:  # noqa: BLE001 -- e.g. a proxy that missed its health checks on a busy machine
+            raise UsageError(f"Ray Serve's HTTP proxy did not start: {_last_line(error)}") from error
         replicas = args.autoscale or args.replicas
         print(f"deploying {replicas} replica(s) of {args.large} + {args.small} ...", file=sys.stderr)
         try:
