@@ -238,3 +238,19 @@ def test_adaptive_reports_every_kind_and_the_ceiling(tmp_path):
         ceiling = results["ceiling"]["kinds"][kind]
         assert 0.0 <= ceiling["agreement"] <= 1.0 and ceiling["perfect_lossless_speedup"] >= 1.0
     assert set(results["ceiling"]["kinds"]) == {"a", "b", "overall"}
+
+
+def test_agreement_is_total_for_a_copy_of_the_large_model_per_kind(tmp_path):
+    import agreement
+
+    large, _ = save_pair(tmp_path, "llama", with_eos=True)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"source": f"w{5 + i} w{9 + i} w{20 + i}", "reference": "", "kind": "ab"[i % 2]})
+                            + "\n" for i in range(4)))
+    code = agreement.main(["--large", str(large), "--drafters", str(large), "--datasets", str(data),
+                           "--max-new-tokens", "6", "--threads", "1", "--results-dir", str(tmp_path / "results")])
+    assert code == 0
+    (path,) = (tmp_path / "results").iterdir()
+    rows = json.loads(path.read_text())["results"]["datasets"][str(data)]["drafters"][str(large)]
+    assert sorted(rows) == ["a", "b", "overall"]
+    assert all(row["agreement"] == 1.0 and row["tokens"] > 0 for row in rows.values())  # the large model drafting
