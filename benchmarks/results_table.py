@@ -31,6 +31,7 @@ QUESTIONS = {
     "kernels": ("kernels.py", "What do bild's CPU kernels buy?"),
     "server-load": ("server_load.py", "How does `bild serve` hold up under concurrent clients?"),
     "adaptive": ("adaptive.py", "Is BiLD at least as fast as the large model alone on prompts of every kind?"),
+    "agreement": ("agreement.py", "How often does each drafter pick the large model's token, per kind of prompt?"),
 }
 # method -> its label; {fb} {rb} {n} {window} are the run's alpha_FB, alpha_RB, N and speculative draft window
 HEADLINE_METHODS = {  # question -> the methods in the headline table (a regular expression on their names)
@@ -295,9 +296,21 @@ def section_adaptive(source: Path, data: dict, base: Path) -> list[str]:
                     "= throughput ratio, median):", ""] + table(header, rows) + ([""] + note if note else [])
 
 
+def section_agreement(source: Path, data: dict, base: Path) -> list[str]:
+    results = data["results"]
+    lines = [f"Teacher-forced top-1 agreement with the large model's greedy answers ({results['max_new_tokens']} new "
+             "tokens), the drafters as the engine loads them.", ""]
+    for name, dataset in results["datasets"].items():
+        kinds = sorted(next(iter(dataset["drafters"].values())), key=lambda kind: kind == "overall")  # overall last
+        rows = [[label] + [number(100 * row[kind]["agreement"], source, base, 1, "%") for kind in kinds]
+                for label, row in dataset["drafters"].items()]
+        lines += [f"{name}, {dataset['n']} prompts:", ""] + table(["drafter"] + kinds, rows) + [""]
+    return lines[:-1]
+
+
 SECTIONS = {"paper-table": section_paper_table, "lossless": section_lossless, "sweep": section_sweep,
             "drafter-cost": section_drafter_cost, "kernels": section_kernels, "server-load": section_server_load,
-            "adaptive": section_adaptive}
+            "adaptive": section_adaptive, "agreement": section_agreement}
 
 
 def results_markdown(chosen: dict, base: Path) -> str:
