@@ -261,6 +261,20 @@ def test_committed_package_calibration_data_matches_the_torch_prompts():
     assert [record.prompt for record in records] == [example.prompt for example in expected]
 
 
+def test_committed_broad_calibration_data_matches_the_broad_prompts():
+    from bild.train.corpus import CorpusSourceMissing
+    from bild.train.tasks import build_broad_prompts
+
+    records = _committed_records("little-calibration-broad")
+    assert [record.index for record in records] == list(range(4000))
+    assert all(record.output_ids and len(record.output_ids) <= 96 for record in records)
+    try:
+        expected = build_broad_prompts(200)
+    except CorpusSourceMissing as error:
+        pytest.skip(f"the broad corpus's packages are not installed here ({error})")
+    assert [record.prompt for record in records[:200]] == [example.prompt for example in expected]
+
+
 def _fake_package(root, name="fakepkg"):
     """A tiny installed package with prose docstrings, one vendored and one testing module that must be skipped."""
     package = root / name
