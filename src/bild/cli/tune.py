@@ -75,6 +75,7 @@ def _joined(values) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bild.eval.harness import write_json
     from bild.eval.tune import TuneGrid, check_max_loss, check_work_dir, prompts_digest, tune
     from bild.models import load_pair
 
@@ -120,10 +121,7 @@ def run(args: argparse.Namespace) -> int:
               "again to continue", file=sys.stderr)
         return 130
     settings = result.settings(args.large, small, base)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.output.with_name(args.output.name + ".partial")
-    partial.write_text(json.dumps(settings, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-    partial.replace(args.output)
+    write_json(settings, args.output)
     print(f"pick: {settings['tuned']['pick']}\nsettings: {args.output} (use it: bild generate --config "
           f"{args.output} ...)", file=sys.stderr)
     return 0

@@ -95,7 +95,7 @@ class EvalResult:
             "methods": {name: asdict(summary) for name, summary in self.summaries.items()},
             "kinds": {kind: {name: asdict(summary) for name, summary in by_method.items()}
                       for kind, by_method in self.kind_summaries.items()},
-            "config": {**asdict(self.config), "rollback_threshold": _json_number(self.config.rollback_threshold)},
+            "config": {**asdict(self.config), "rollback_threshold": json_number(self.config.rollback_threshold)},
             "interrupted": self.interrupted,
         }
 
@@ -274,5 +274,6 @@ def write_json(data: dict, path: Path) -> None:
     os.replace(partial, path)
 
 
-def _json_number(value: float) -> float | str:
+def json_number(value: float) -> float | str:
+    """JSON has no infinity: alpha_RB = inf is written as the string \"inf\"."""
     return value if value != float("inf") else "inf"

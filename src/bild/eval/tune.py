@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -26,7 +25,9 @@ from pathlib import Path
 from bild.config import BiLDConfig
 from bild.decoding import BiLD
 from bild.eval.datasets import EvalDataset, Example
-from bild.eval.harness import BASELINE, ROWS_FILE, ExampleRecord, MethodSummary, ProgressCallback, run_methods, summarize
+from bild.eval.harness import (
+    BASELINE, ROWS_FILE, ExampleRecord, MethodSummary, ProgressCallback, json_number, run_methods, summarize, write_json,
+)
 from bild.eval.methods import MethodContext, Request, bild_method, build_method
 from bild.models import ModelPair
 
@@ -53,8 +54,7 @@ class TunePoint:
                 f"rb={self.rollback_threshold:g}")
 
     def config(self, base: BiLDConfig) -> BiLDConfig:
-        return replace(base, policy=self.policy, max_small_steps=self.max_small_steps,
-                       fallback_threshold=self.fallback_threshold, rollback_threshold=self.rollback_threshold)
+        return replace(base, **asdict(self))  # the fields are BiLDConfig's own
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class TuneResult:
         chosen = pick.point.config(base) if pick else base
         decoding = {"policy": chosen.policy, "max_small_steps": chosen.max_small_steps,
                     "fallback_threshold": chosen.fallback_threshold,
-                    "rollback_threshold": _json_number(chosen.rollback_threshold), "repeat_ngram": chosen.repeat_ngram}
+                    "rollback_threshold": json_number(chosen.rollback_threshold), "repeat_ngram": chosen.repeat_ngram}
         measured = {"prompts": self.n, "max_new_tokens": base.max_new_tokens, "max_loss": self.max_loss,
                     "bound": "identical to the large model alone" if self.max_loss == 0
                     else f"ROUGE-L against the large model's outputs >= {100 - self.max_loss:g}",
@@ -125,7 +125,7 @@ class TuneResult:
 def _point_row(result: PointResult) -> dict:
     summary = result.summary
     return {"label": result.point.label, **asdict(result.point),
-            "rollback_threshold": _json_number(result.point.rollback_threshold), "keeps_bound": result.keeps_bound,
+            "rollback_threshold": json_number(result.point.rollback_threshold), "keeps_bound": result.keeps_bound,
             "speedup": summary.speedup, "throughput_ratio": summary.throughput_ratio,
             "rougeL_vs_large": summary.rougeL_vs_large, "exact_match": summary.exact_match,
             "tokens_per_large_pass": summary.tokens_per_large_pass}
@@ -169,7 +169,7 @@ def tune(
     engine = BiLD(pair)
     context = MethodContext(pair=pair, engine=engine, config=config)
     methods = {BASELINE: build_method(BASELINE, context)}
-    methods |= {point.label: bild_method(context, **_overrides(point)) for point in points}
+    methods |= {point.label: bild_method(context, **asdict(point)) for point in points}
 
     todo = [index for index, example in enumerate(examples) if example.id not in done]
     use_chat = pair.large.is_chat if chat is None else chat
@@ -184,10 +184,13 @@ def tune(
 
     evaluation = run_methods(pair, engine, dataset, methods, config, out_dir=work_dir, warmup=warmup if todo else 0,
                              chat=use_chat, on_progress=progress, requests=requests, append=True)
+    fresh: dict[str, dict[str, ExampleRecord]] = {}
+    for label in labels:
+        for record in evaluation.records[label]:
+            fresh.setdefault(record.id, {})[label] = record
     records = {label: [] for label in labels}
     for example in examples:  # earlier rows and this run's, in the prompts' order
-        rows = done.get(example.id) or {record.method: record for label in labels
-                                        for record in evaluation.records[label] if record.id == example.id}
+        rows = done.get(example.id) or fresh.get(example.id, {})
         if set(rows) == set(labels):
             for label in labels:
                 records[label].append(rows[label])
@@ -198,11 +201,6 @@ def tune(
         results.append(PointResult(point, summary, keeps_bound(summary, max_loss)))
     return TuneResult(points=tuple(results), vanilla=vanilla, n=len(records[BASELINE]), total=len(examples),
                       max_loss=max_loss, interrupted=evaluation.interrupted)
-
-
-def _overrides(point: TunePoint) -> dict:
-    return {"policy": point.policy, "max_small_steps": point.max_small_steps,
-            "fallback_threshold": point.fallback_threshold, "rollback_threshold": point.rollback_threshold}
 
 
 def check_work_dir(work_dir: Path, run_key: dict) -> bool:
@@ -230,7 +228,7 @@ def _resume(work_dir: Path, run_key: dict, labels: list[str]) -> dict[str, dict[
     run_file, rows_file = work_dir / RUN_FILE, work_dir / ROWS_FILE
     if not check_work_dir(work_dir, run_key):
         work_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(run_file, json.dumps(run_key, indent=2, allow_nan=False) + "\n")
+        write_json(run_key, run_file)
         if rows_file.exists():
             rows_file.unlink()
     done: dict[str, dict[str, ExampleRecord]] = {}
@@ -256,8 +254,3 @@ def _write_atomically(path: Path, text: str) -> None:
 def prompts_digest(prompts: list) -> str:
     """A short fingerprint of the prompts, so that a work directory is only resumed on the same ones."""
     return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
-
-
-def _json_number(value: float) -> float | str:
-    return value if value != math.inf else "inf"
-
