@@ -14,18 +14,29 @@ large pass over one token and what each further token adds). Its speedup over th
 the most any lossless drafting policy could get from this small model on these prompts (the prefill, the same for
 both, left out). It is reported beside the measured lossless speedups.
 
+The replay: the same data drive the engine's own policy code (BiLD._plan_round and BiLD._adapt) round by round,
+with the small model's teacher-forced confidence deciding fallbacks and the large model's NLL of its top-1 deciding
+rollbacks; each round is charged the measured costs. It models each policy's speedup without a clock (so a policy
+change can be compared on many prompts in a minute; --replay-only skips the timed runs). Lossless it is exact up
+to the confidences after a rejected draft (taken teacher-forced, where the small model would continue from its own
+wrong token); at alpha_RB > 0 it assumes that an accepted token other than the large model's pick leaves the rest
+of the output as it was, so it is an approximation there.
+
     python benchmarks/adaptive.py --dataset mixed --per-kind 4 --max-new-tokens 48 --repeats 3 --threads 2
     python benchmarks/adaptive.py --dataset docsum --limit 20 --repeats 3 --threads 2
+    python benchmarks/adaptive.py --dataset mixed --per-kind 8 --max-new-tokens 64 --replay-only --threads 2
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, replace
 
 import torch
 
 from common import (
-    add_docsum_arguments, add_method_arguments, base_parser, check_arguments, chosen_methods, main_guard, run_harness,
+    BenchmarkError, add_docsum_arguments, add_method_arguments, base_parser, check_arguments, chosen_methods,
+    main_guard, run_harness,
 )
 
 QUESTION = "adaptive"
@@ -49,35 +60,97 @@ def perfect_policy_cost(agrees: list[bool], costs, longest: int) -> float:
 @torch.inference_mode()
 def teacher_forced_agreement(small, prompt_ids: list[int], output_ids: list[int]) -> list[bool]:
     """Per output token: is it the small model's top-1 given the prompt and the large model's tokens before it?"""
-    model = small.model
-    device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids + output_ids], device=device)
-    logits = model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
-    return (logits.argmax(-1).cpu() == torch.tensor(output_ids)).tolist()
+    return teacher_forced_trace(small, None, prompt_ids, output_ids).agrees
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Per output token of the large model's greedy output, teacher-forced on the tokens before it."""
+
+    agrees: list[bool]  # the small model's top-1 is the large model's token
+    confidence: list[float]  # the small model's top-1 probability (what the fallback policy compares with alpha_FB)
+    nll: list[float]  # the large model's NLL of the small model's top-1 (what the rollback policy compares)
+
+
+@torch.inference_mode()
+def teacher_forced_trace(small, large, prompt_ids: list[int], output_ids: list[int]) -> Trace:
+    """The :class:`Trace` of ``output_ids``; ``large`` None leaves ``nll`` empty."""
+    ids = torch.tensor([prompt_ids + output_ids], device=next(small.model.parameters()).device)
+    window = slice(len(prompt_ids) - 1, -1)
+    probs = small.model(input_ids=ids).logits[0, window].float().softmax(-1)
+    confidence, top = probs.max(-1)
+    nll = []
+    if large is not None:
+        large_ids = ids.to(next(large.model.parameters()).device)
+        log_probs = large.model(input_ids=large_ids).logits[0, window].float().log_softmax(-1)
+        nll = (-log_probs.gather(-1, top.to(log_probs.device)[:, None])[:, 0]).tolist()
+    return Trace((top.cpu() == torch.tensor(output_ids)).tolist(), confidence.tolist(), nll)
+
+
+def replay_cost(engine, config, trace: Trace) -> float:
+    """Decode cost of the output under ``config``'s policy, replayed round by round through the engine's own policy
+    code (module docstring); ``engine.costs`` must be set. The first round's large pass is the prefill, which the
+    large model alone pays as well: left out, as in :func:`perfect_policy_cost`."""
+    from bild.decoding import _Run
+    from bild.policies import should_fall_back
+
+    run = _Run(tokens=[], output_start=0, checked=0)
+    adaptation = engine._start_adaptation(config, []) if config.policy == "adaptive" else None
+    cost, position, length = -engine.costs.large_base, 0, len(trace.agrees)
+    while position < length:
+        engine._plan_round(run, config, adaptation)
+        drafts = dropped = 0
+        while drafts < run.draft_cap and position + drafts < length:
+            confidence = trace.confidence[position + drafts]
+            if should_fall_back(confidence, drafts, run.fallback_threshold, run.draft_cap):
+                dropped = 1
+                break
+            run.draft_confidences.append(confidence)
+            drafts += 1
+        accepted = 0
+        while accepted < drafts and (trace.agrees[position + accepted]
+                                     or trace.nll[position + accepted] <= config.rollback_threshold):
+            accepted += 1
+        cost += engine.costs.round_time(drafts) + dropped * engine.costs.small_step
+        if adaptation is not None:
+            engine._adapt(run, config, adaptation, drafts, accepted, dropped)
+        position += accepted + 1
+    return cost
+
+
+REPLAYED = {"bild": {}, "bild-fixed": {"policy": "fixed"}, "bild-lossless": {"rollback_threshold": 0.0},
+            "bild-lossless-fixed": {"rollback_threshold": 0.0, "policy": "fixed"}}
 
 
 def ceiling(context, dataset) -> dict:
-    """Teacher-forced agreement and the perfect lossless policy's speedup, per kind and overall (module docstring)."""
+    """Teacher-forced agreement, the perfect lossless policy's speedup and each policy's replayed speedup, per kind
+    and overall (module docstring)."""
     engine, config = context.engine, context.config
     chat = engine.pair.large.is_chat
     prompts = [engine.encode(dataset.prompt(example), chat=chat) for example in dataset.examples]
     costs = engine.measure_costs(prompts[0], config.max_small_steps)
-    totals: dict[str, list[float]] = {}  # kind -> [agreeing tokens, tokens, vanilla cost, perfect cost]
+    engine.costs = costs
+    totals: dict[str, dict[str, float]] = {}  # kind -> agreeing tokens, tokens, vanilla cost, perfect/replayed costs
     for example, prompt_ids in zip(dataset.examples, prompts):
         output = engine.vanilla_ids(prompt_ids, config).token_ids
-        agrees = teacher_forced_agreement(engine.pair.small, prompt_ids, output)
+        trace = teacher_forced_trace(engine.pair.small, engine.pair.large, prompt_ids, output)
+        row = {"agree": sum(trace.agrees[1:]), "tokens": len(output) - 1,
+               "vanilla": (len(output) - 1) * costs.large_base,
+               "perfect": perfect_policy_cost(trace.agrees, costs, config.max_small_steps)}
+        for name, change in REPLAYED.items():
+            row[name] = replay_cost(engine, replace(config, **change), trace)
         for kind in (example.kind or "all", "overall"):
-            row = totals.setdefault(kind, [0.0, 0.0, 0.0, 0.0])
-            row[0] += sum(agrees[1:])
-            row[1] += len(agrees) - 1
-            row[2] += (len(agrees) - 1) * costs.large_base
-            row[3] += perfect_policy_cost(agrees, costs, config.max_small_steps)
+            total = totals.setdefault(kind, dict.fromkeys(row, 0.0))
+            for key, value in row.items():
+                total[key] += value
     return {"ceiling": {
         "costs_ms": {"small_step": costs.small_step * 1e3, "large_base": costs.large_base * 1e3,
                      "large_per_token": costs.large_per_token * 1e3},
-        "kinds": {kind: {"agreement": agree / tokens if tokens else None,
-                         "perfect_lossless_speedup": vanilla / perfect if perfect else None}
-                  for kind, (agree, tokens, vanilla, perfect) in totals.items()},
+        "kinds": {kind: {"agreement": row["agree"] / row["tokens"] if row["tokens"] else None,
+                         "perfect_lossless_speedup": row["vanilla"] / row["perfect"] if row["perfect"] else None,
+                         "replayed_speedup": {name: row["vanilla"] / row[name] if row[name] else None
+                                              for name in REPLAYED}}
+                  for kind, row in totals.items()},
     }}
 
 
@@ -88,22 +161,27 @@ def main(argv: list[str] | None = None) -> int:
     add_docsum_arguments(parser)
     parser.set_defaults(dataset="mixed")
     add_method_arguments(parser, METHODS)
-    parser.add_argument("--no-ceiling", action="store_true", help="skip the perfect-policy ceiling")
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the perfect-policy ceiling and the replay")
+    parser.add_argument("--replay-only", action="store_true",
+                        help="only the ceiling and the replayed policies: no timed runs (about a minute)")
     args = parser.parse_args(argv)
     check_arguments(args)
+    if args.replay_only and args.no_ceiling:
+        raise BenchmarkError("--replay-only and --no-ceiling leave nothing to run")
     names, config = chosen_methods(args)
 
     def measured_ceiling(context, dataset) -> dict:
         result = ceiling(context, dataset)
-        print("perfect lossless policy (teacher-forced agreement, measured costs):", file=sys.stderr)
+        print("perfect lossless policy and replayed policies (teacher-forced, measured costs):", file=sys.stderr)
         for kind, row in result["ceiling"]["kinds"].items():
-            print(f"  {kind:12s} agreement {row['agreement']:.1%}, ceiling {row['perfect_lossless_speedup']:.2f}x",
-                  file=sys.stderr)
+            replayed = " ".join(f"{name} {value:.2f}x" for name, value in row["replayed_speedup"].items())
+            print(f"  {kind:12s} agreement {row['agreement']:.1%}, ceiling {row['perfect_lossless_speedup']:.2f}x, "
+                  f"replayed: {replayed}", file=sys.stderr)
         return result
 
     return run_harness(QUESTION, __file__, args, argv, config,
                        lambda context: {name: build_method(name, context) for name in names},
-                       before=None if args.no_ceiling else measured_ceiling)
+                       before=None if args.no_ceiling else measured_ceiling, timed=not args.replay_only)
 
 
 if __name__ == "__main__":

@@ -298,10 +298,11 @@ def run_repeats(run_once: Callable, repeats: int, examples: int, label: str) -> 
 
 
 def run_harness(question: str, script: str, args: argparse.Namespace, argv: list[str] | None, config,
-                build_methods: Callable[[object], dict], before: Callable[[object], dict] | None = None) -> int:
+                build_methods: Callable[[object], dict], before: Callable[[object], dict] | None = None,
+                timed: bool = True) -> int:
     """The whole run of a harness-based script: data, stamp, models, ``build_methods(context)`` (vanilla first),
     repeats, the table on stdout and one new result file. ``before(context, dataset)``: measurements made after
-    loading and before the repeats, added to the results."""
+    loading and before the repeats, added to the results; ``timed`` False: those alone, no repeats."""
     from bild.decoding import BiLD
     from bild.eval.harness import run_methods
     from bild.eval.methods import MethodContext
@@ -316,6 +317,9 @@ def run_harness(question: str, script: str, args: argparse.Namespace, argv: list
     context = MethodContext(pair=pair, engine=engine, config=config, draft_window=getattr(args, "draft_window", 5))
     methods = build_methods(context)
     measured = before(context, dataset) if before is not None else {}
+    if not timed:
+        write_result(path, question, stamp, settings_of(args), {**measured, "n": len(dataset.examples)})
+        return 0
 
     def once(warmup: int, progress: Callable) -> object:
         return run_methods(pair, engine, dataset, methods, config, warmup=warmup, on_progress=progress)

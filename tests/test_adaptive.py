@@ -3,6 +3,8 @@ are fixed by conftest's TEST_COSTS, so every choice the policy makes is a functi
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from bild.config import BiLDConfig
@@ -10,11 +12,14 @@ from bild.decoding import BiLD
 from bild.models import ModelPair
 from bild.policies import (
     DraftCosts,
-    drafting_gain,
-    next_average,
+    best_draft_cap,
+    estimated_rate,
+    expected_round_time,
+    expected_round_tokens,
     next_draft_cap,
     next_fallback_threshold,
     next_probe_interval,
+    rate_lower_bound,
 )
 
 from conftest import loaded, make_pair, prompt_ids, tiny_llama, tiny_tokenizer
@@ -37,19 +42,44 @@ def test_draft_cap_doubles_when_filled_and_halves_after_a_rollback():
     assert next_draft_cap(1, checked=1, accepted=0, longest=10) == 1
 
 
+def test_estimated_rate_starts_at_the_prior_and_follows_what_is_seen():
+    assert estimated_rate(0, 0, prior=0.7, weight=2.0) == pytest.approx(0.7)
+    assert estimated_rate(3, 0, prior=0.7, weight=2.0) == pytest.approx(4.4 / 5)
+    assert estimated_rate(0, 3, prior=0.7, weight=2.0) == pytest.approx(1.4 / 5)
+    assert estimated_rate(900, 100, prior=0.7, weight=2.0) == pytest.approx(0.9, abs=1e-3)
+    # the lower bound: wide on little evidence, closing in on the estimate as evidence grows, never below 0
+    assert rate_lower_bound(0, 0, prior=0.8, weight=4.0, z=1.0) == pytest.approx(0.8 - math.sqrt(0.16 / 5))
+    assert rate_lower_bound(800, 200, 0.8, 4.0, z=1.0) > rate_lower_bound(8, 2, 0.8, 4.0, z=1.0)
+    assert rate_lower_bound(0, 50, 0.8, 4.0, z=3.0) == 0.0
+
+
+def test_expected_round_tokens_and_time():
+    assert expected_round_tokens(0.5, 1.0, cap=0) == 1.0  # the large model's own token
+    assert expected_round_tokens(0.5, 1.0, cap=2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_round_tokens(1.0, 1.0, cap=3) == 4.0
+    assert expected_round_tokens(1.0, 0.5, cap=2) == pytest.approx(1 + 0.5 + 0.25)  # unsure steps end the round
+    assert expected_round_time(1.0, 3, COSTS) == pytest.approx(COSTS.round_time(3))  # always confident: k drafts
+    # the second step runs half the time, each confident step adds a draft to the large pass
+    assert expected_round_time(0.5, 2, COSTS) == pytest.approx(1.5 * 0.1 + 1.0 + 0.75 * 0.02)
+
+
+def test_best_draft_cap_drafts_long_when_accepted_and_not_at_all_when_rejected():
+    assert best_draft_cap(1.0, 1.0, COSTS, longest=10) == 10  # every draft accepted: the longest
+    assert best_draft_cap(0.05, 1.0, COSTS, longest=10) == 0  # 1.05 tokens for 1.12: slower than the large model
+    assert best_draft_cap(0.9, 0.1, COSTS, longest=10) == 0  # nearly every step falls back: nothing to gain
+    middle = best_draft_cap(0.6, 1.0, COSTS, longest=10)
+    assert 1 <= middle < 10
+    rate = expected_round_tokens(0.6, 1.0, middle) / expected_round_time(1.0, middle, COSTS)
+    assert all(rate >= expected_round_tokens(0.6, 1.0, k) / expected_round_time(1.0, k, COSTS) for k in range(1, 11))
+    assert rate > 1 / COSTS.large_base
+
+
 def test_fallback_threshold_rises_after_confident_rejections_and_returns_to_its_floor():
     assert next_fallback_threshold(0.6, floor=0.6, rejected_confidence=0.9, all_accepted=False) == pytest.approx(0.62)
     assert next_fallback_threshold(0.6, floor=0.6, rejected_confidence=0.3, all_accepted=False) == 0.6  # was unsure
     assert next_fallback_threshold(0.8, floor=0.6, rejected_confidence=None, all_accepted=True) == pytest.approx(0.78)
     assert next_fallback_threshold(0.61, floor=0.6, rejected_confidence=None, all_accepted=True) == 0.6
     assert next_fallback_threshold(0.95, floor=0.6, rejected_confidence=0.99, all_accepted=False) == 0.95
-
-
-def test_drafting_gain_compares_rounds_with_the_large_model_alone():
-    assert drafting_gain(1.0, COSTS.large_base, COSTS) == 1.0  # one token per large pass: the same as alone
-    assert drafting_gain(4.0, COSTS.round_time(3), COSTS) == pytest.approx(4 / 1.36)
-    assert drafting_gain(1.0, COSTS.round_time(3), COSTS) < 1.0  # every draft rejected: slower than alone
-    assert next_average(1.0, 3.0, memory=0.75) == 1.5
 
 
 def test_probe_interval_backs_off_and_resets():
@@ -99,7 +129,7 @@ def test_a_small_model_equal_to_the_large_one_drafts_long_runs():
     for seed in range(3):
         stats = engine.generate_ids(prompt_ids(seed, 6), BiLDConfig(fallback_threshold=0.0, max_new_tokens=120)).stats
         assert stats.rollbacks == 0 and stats.tokens_discarded == 0
-        assert stats.tokens_per_large_pass >= 7.0, stats  # N = 10: the cap grows 2 -> 4 -> 8 -> 10 and stays
+        assert stats.tokens_per_large_pass >= 7.0, stats  # N = 10: every draft accepted, the cap grows 2 -> 4 -> 8 -> 10
         assert stats.mean_draft_cap >= 7.0, stats
 
 

@@ -219,6 +219,30 @@ def test_teacher_forced_agreement_is_total_for_a_copy_and_partial_for_another_mo
     assert adaptive.teacher_forced_agreement(other.small, prompt, output) != [True] * 6
 
 
+@pytest.mark.parametrize("same, policy", [(False, "fixed"), (True, "fixed"), (True, "adaptive")])
+def test_the_replay_charges_the_rounds_the_engine_runs(same, policy):
+    """Lossless, with alpha_FB = 0 (no fallback depends on a confidence after a rejected draft), the replay of a
+    policy from teacher-forced data runs the engine's rounds exactly: same passes, same drafts."""
+    from bild.config import BiLDConfig
+    from bild.decoding import BiLD
+    from conftest import TEST_COSTS
+
+    pair = make_pair("llama", same=same, noise=0.5)
+    engine = BiLD(pair, costs=TEST_COSTS)
+    config = BiLDConfig(fallback_threshold=0.0, rollback_threshold=0.0, max_new_tokens=40, policy=policy)
+    costs = []
+    for seed in range(3):
+        prompt = [5 + seed, 9, 13, 17, 21]
+        result = engine.generate_ids(prompt, config)
+        stats = result.stats
+        assert stats.rollbacks > 0 or same
+        engine_cost = ((stats.large_passes - 1) * TEST_COSTS.large_base + stats.fallbacks * TEST_COSTS.small_step
+                       + stats.small_tokens_drafted * (TEST_COSTS.small_step + TEST_COSTS.large_per_token))
+        trace = adaptive.teacher_forced_trace(pair.small, pair.large, prompt, result.token_ids)
+        costs.append((adaptive.replay_cost(engine, config, trace), engine_cost))
+    assert [replayed for replayed, _ in costs] == pytest.approx([cost for _, cost in costs])
+
+
 def test_adaptive_reports_every_kind_and_the_ceiling(tmp_path):
     large, small = save_pair(tmp_path, "llama", with_eos=True)
     data = tmp_path / "data.jsonl"
@@ -237,7 +261,27 @@ def test_adaptive_reports_every_kind_and_the_ceiling(tmp_path):
         assert lossless["exact_match"] == 1.0 and len(lossless["speedup"]["values"]) == 3
         ceiling = results["ceiling"]["kinds"][kind]
         assert 0.0 <= ceiling["agreement"] <= 1.0 and ceiling["perfect_lossless_speedup"] >= 1.0
+        replayed = ceiling["replayed_speedup"]
+        assert set(replayed) == set(adaptive.REPLAYED) and all(value > 0 for value in replayed.values())
+        # no lossless policy beats the perfect one
+        assert max(replayed["bild-lossless"], replayed["bild-lossless-fixed"]) <= ceiling["perfect_lossless_speedup"]
     assert set(results["ceiling"]["kinds"]) == {"a", "b", "overall"}
+
+
+def test_adaptive_replay_only_runs_nothing_timed(tmp_path):
+    large, small = save_pair(tmp_path, "llama", with_eos=True)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"source": f"w{5 + i} w{9 + i}", "reference": "", "kind": "ab"[i % 2]}) + "\n"
+                            for i in range(4)))
+    code = adaptive.main(["--large", str(large), "--small", str(small), "--dataset", str(data), "--prompt-template",
+                          "{source}", "--replay-only", "--max-new-tokens", "6", "--threads", "1", "--results-dir",
+                          str(tmp_path / "results")])
+    assert code == 0
+    (path,) = (tmp_path / "results").iterdir()
+    results = json.loads(path.read_text())["results"]
+    assert "methods" not in results and set(results["ceiling"]["kinds"]) == {"a", "b", "overall"}
+    refused = ["--replay-only", "--no-ceiling", "--results-dir", str(tmp_path / "results")]
+    assert common.main_guard(adaptive.main, refused) == 2
 
 
 def test_agreement_is_total_for_a_copy_of_the_large_model_per_kind(tmp_path):

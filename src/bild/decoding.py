@@ -27,10 +27,11 @@ from bild.devices import input_device, model_devices
 from bild.models import LoadedModel, ModelPair
 from bild.policies import (
     DraftCosts,
-    drafting_gain,
+    best_draft_cap,
     find_rollback,
-    next_average,
+    estimated_rate,
     next_draft_cap,
+    rate_lower_bound,
     next_fallback_threshold,
     next_probe_interval,
     ngram_ending_at,
@@ -83,12 +84,13 @@ class _Run:
 class _Adaptation:
     """The adaptive policy's state for one request (BiLDConfig.policy == "adaptive"); the math is in policies.py."""
 
-    round_tokens: float  # running mean of the tokens a drafting round put in the output
-    round_cost: float  # ... and of what the round cost (DraftCosts units)
-    cap: int  # grown after fully accepted drafts, halved after rollbacks
+    cap: int  # the longest draft the evidence allows: grown after fully accepted drafts, halved after rollbacks
     fallback_threshold: float
     probe_interval: int  # large-only passes before the next probe draft
-    rounds: int = 0  # drafting rounds seen
+    accepted: int = 0  # drafts the large model accepted
+    rejected: int = 0  # ... and rejected (one per rollback; the drafts after it were never judged)
+    confident: int = 0  # small steps that drafted
+    unsure: int = 0  # ... and that fell back (their token dropped)
     passes_alone: int = 0  # large-only passes since drafting was last tried
     probing: bool = False  # this round is a one-token probe
 
@@ -96,10 +98,13 @@ class _Adaptation:
 class BiLD:
     """Generate with a model pair. `pair.small` may be None: then only `vanilla` is available."""
 
-    # adaptive policy: memory of the running averages over drafting rounds, the evidence needed before it stops
-    # drafting, the spacing of probes in large-only passes
-    ROUND_MEMORY = 0.8
-    EVIDENCE_ROUNDS = 2  # drafting rounds seen before the policy may stop drafting
+    # adaptive policy: its priors (a draft is accepted 80% and a small step drafts 80% of the time, each worth four
+    # observations), the caution of its choice to draft at all (drafting must pay at an acceptance this many
+    # standard deviations below the estimate), the spacing of probes in large-only passes
+    ACCEPTANCE_PRIOR = 0.8
+    CONFIDENCE_PRIOR = 0.8
+    PRIOR_WEIGHT = 4.0
+    CAUTION = 1.5
     PROBE_INTERVALS = (4, 64)
 
     def __init__(self, pair: ModelPair, cpu_kernels: bool = True, costs: DraftCosts | None = None) -> None:
@@ -293,28 +298,32 @@ class BiLD:
 
     # ---- the adaptive policy (BiLDConfig.policy == "adaptive") ---------------------------------------------
     def _start_adaptation(self, config: BiLDConfig, prompt_ids: list[int]) -> _Adaptation:
-        """The prior: a drafter as good as the large model alone (gain 1), a quarter of N as the first cap, alpha_FB
-        as configured."""
+        """Nothing seen yet: the priors alone, a quarter of N as the longest draft, alpha_FB as configured."""
         if self.costs is None:
             self.costs = self.measure_costs(prompt_ids, config.max_small_steps)
         shortest, _ = self.PROBE_INTERVALS
-        return _Adaptation(round_tokens=1.0, round_cost=self.costs.large_base,
-                           cap=max(1, config.max_small_steps // 4),
-                           fallback_threshold=config.fallback_threshold, probe_interval=shortest)
+        return _Adaptation(cap=max(1, config.max_small_steps // 4), fallback_threshold=config.fallback_threshold,
+                           probe_interval=shortest)
 
     def _plan_round(self, run: _Run, config: BiLDConfig, adaptation: _Adaptation | None) -> None:
-        """Set the next round's draft cap and alpha_FB."""
+        """Set the next round's draft cap and alpha_FB: under the adaptive policy, the cap (up to the one the
+        evidence allows) with the most expected tokens per unit of cost given the acceptance and confidence seen so
+        far; 0 (the large model alone) when no
+        cap beats one token per large pass at a cautious acceptance (CAUTION), but a one-token probe after every
+        ``probe_interval`` such passes."""
         run.draft_confidences.clear()
         if adaptation is None:
             run.draft_cap, run.fallback_threshold = config.max_small_steps, config.fallback_threshold
             return
-        gain = drafting_gain(adaptation.round_tokens, adaptation.round_cost, self.costs)
-        pays = gain >= 1.0 or adaptation.rounds < self.EVIDENCE_ROUNDS
-        adaptation.probing = not pays and adaptation.passes_alone >= adaptation.probe_interval
+        weight = self.PRIOR_WEIGHT
+        seen = adaptation.accepted, adaptation.rejected, self.ACCEPTANCE_PRIOR, weight
+        confidence = estimated_rate(adaptation.confident, adaptation.unsure, self.CONFIDENCE_PRIOR, weight)
+        run.draft_cap = best_draft_cap(estimated_rate(*seen), confidence, self.costs, adaptation.cap)
+        if run.draft_cap and not best_draft_cap(rate_lower_bound(*seen, self.CAUTION), confidence, self.costs, 1):
+            run.draft_cap = 0
+        adaptation.probing = run.draft_cap == 0 and adaptation.passes_alone >= adaptation.probe_interval
         if adaptation.probing:
             run.draft_cap = 1
-        else:
-            run.draft_cap = adaptation.cap if pays else 0
         run.fallback_threshold = adaptation.fallback_threshold
 
     def _adapt(self, run: _Run, config: BiLDConfig, adaptation: _Adaptation, checked: int, accepted: int,
@@ -324,14 +333,13 @@ class BiLD:
         if run.draft_cap == 0:
             adaptation.passes_alone += 1
             return
-        memory = self.ROUND_MEMORY
-        tokens, cost = accepted + 1, self.costs.round_time(checked) + dropped * self.costs.small_step
-        adaptation.round_tokens = next_average(adaptation.round_tokens, tokens, memory)
-        adaptation.round_cost = next_average(adaptation.round_cost, cost, memory)
-        adaptation.rounds += 1
+        adaptation.accepted += accepted
+        adaptation.rejected += accepted < checked
+        adaptation.confident += checked
+        adaptation.unsure += dropped
         if adaptation.probing:
             shortest, longest = self.PROBE_INTERVALS
-            paid = tokens * self.costs.large_base > cost
+            paid = checked > 0 and accepted == checked
             adaptation.probe_interval = next_probe_interval(adaptation.probe_interval, paid, shortest, longest)
         adaptation.passes_alone = 0
         adaptation.cap = next_draft_cap(adaptation.cap, checked, accepted, config.max_small_steps)

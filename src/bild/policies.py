@@ -2,12 +2,14 @@
 
 - fallback (:func:`should_fall_back`) and rollback (:func:`find_rollback`): Algorithm 1 of the paper;
 - the repetition guard (:func:`repeated_ngrams`): not in the paper, see BiLDConfig.repeat_ngram;
-- adaptive drafting (:func:`drafting_gain` and the ``next_*`` updates): not in the paper, see BiLDConfig.policy.
+- adaptive drafting (:func:`best_draft_cap` from :func:`estimated_rate`s, and the ``next_*`` updates): not in the
+  paper, see BiLDConfig.policy.
   They change only when the large model runs, never what it accepts, so alpha_RB = 0 stays exact.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -115,15 +117,44 @@ class DraftCosts:
         return draft_length * (self.small_step + self.large_per_token) + self.large_base
 
 
-def next_average(average: float, value: float, memory: float) -> float:
-    """An exponential running average: ``memory`` of the old value, the rest of the new one."""
-    return memory * average + (1.0 - memory) * value
+def estimated_rate(successes: float, failures: float, prior: float, weight: float) -> float:
+    """The mean of a Beta posterior: how often something happens, from what was seen and a prior worth ``weight``
+    observations (so a few early outcomes move the estimate, and none leaves it at ``prior``)."""
+    return (successes + prior * weight) / (successes + failures + weight)
 
 
-def drafting_gain(round_tokens: float, round_cost: float, costs: DraftCosts) -> float:
-    """How many times faster drafting rounds write than the large model alone: tokens per cost of the rounds, over
-    one token per large pass. Below 1, drafting does not pay."""
-    return round_tokens * costs.large_base / round_cost
+def rate_lower_bound(successes: float, failures: float, prior: float, weight: float, z: float) -> float:
+    """:func:`estimated_rate` less ``z`` standard deviations of that Beta posterior (at least 0): a rate the
+    observations make unlikely to be lower. Little evidence, a wide margin."""
+    mean = estimated_rate(successes, failures, prior, weight)
+    count = successes + failures + weight
+    return max(0.0, mean - z * math.sqrt(mean * (1.0 - mean) / (count + 1.0)))
+
+
+def expected_round_tokens(acceptance: float, confidence: float, cap: int) -> float:
+    """Tokens one drafting round is expected to put in the output under a draft cap of ``cap``: the large model's
+    own token, plus draft i (i = 1..cap) when the small model was confident enough to write drafts 1..i
+    (``confidence`` each) and the large model accepted them all (``acceptance`` each)."""
+    keep = acceptance * confidence
+    return sum(keep**i for i in range(cap + 1))
+
+
+def expected_round_time(confidence: float, cap: int, costs: DraftCosts) -> float:
+    """What such a round is expected to cost: small step i (i = 1..cap) runs when steps 1..i-1 drafted; an unsure
+    step drafts nothing (the fallback drops its token) and ends the round; the large pass checks every draft."""
+    steps = sum(confidence**i for i in range(cap))
+    return steps * costs.small_step + costs.large_base + steps * confidence * costs.large_per_token
+
+
+def best_draft_cap(acceptance: float, confidence: float, costs: DraftCosts, longest: int) -> int:
+    """The draft cap in [0, longest] with the most expected tokens per unit of cost; 0 (the large model alone, one
+    token per large pass) unless some cap beats it."""
+    best, best_rate = 0, 1.0 / costs.large_base
+    for cap in range(1, longest + 1):
+        rate = expected_round_tokens(acceptance, confidence, cap) / expected_round_time(confidence, cap, costs)
+        if rate > best_rate:
+            best, best_rate = cap, rate
+    return best
 
 
 def next_draft_cap(cap: int, checked: int, accepted: int, longest: int) -> int:
