@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass, replace
 
 import torch
+from tqdm import tqdm
 
 from common import (
     BenchmarkError, add_docsum_arguments, add_method_arguments, base_parser, check_arguments, chosen_methods,
@@ -131,7 +132,8 @@ def ceiling(context, dataset) -> dict:
     costs = engine.measure_costs(prompts[0], config.max_small_steps)
     engine.costs = costs
     totals: dict[str, dict[str, float]] = {}  # kind -> agreeing tokens, tokens, vanilla cost, perfect/replayed costs
-    for example, prompt_ids in zip(dataset.examples, prompts):
+    for example, prompt_ids in tqdm(list(zip(dataset.examples, prompts)), desc="ceiling and replay", unit="ex",
+                                    file=sys.stderr, dynamic_ncols=True):
         output = engine.vanilla_ids(prompt_ids, config).token_ids
         trace = teacher_forced_trace(engine.pair.small, engine.pair.large, prompt_ids, output)
         row = {"agree": sum(trace.agrees[1:]), "tokens": len(output) - 1,
