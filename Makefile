@@ -35,8 +35,10 @@ little: setup little-packages
 	# ~50 min of generation; `make little LITTLE_FROM_SCRATCH=1` generates them again (the same records).
 	test -n "$(LITTLE_FROM_SCRATCH)" || test -f build/little/calibration.jsonl || \
 	  gunzip -c data/little-calibration.jsonl.gz > build/little/calibration.jsonl
+	test -n "$(LITTLE_FROM_SCRATCH)" || test -f build/little/calibration-broad.jsonl || \
+	  gunzip -c data/little-calibration-broad.jsonl.gz > build/little/calibration-broad.jsonl
 	TQDM_MININTERVAL=60 bash -o pipefail -c '$(VENV)/bin/bild little --calibration-only --threads 2 2>&1 | tee build/little/make-calibration.log'
-	# both variants side by side, 1 thread each, with LittleConfig's recipe: ~1.5 h on this 2-core machine
+	# both variants side by side, 1 thread each, with LittleConfig's recipe: ~1 h 45 min on this 2-core machine
 	TQDM_MININTERVAL=60 bash -c '$(VENV)/bin/bild little --variants unaligned --threads 1 > build/little/make-unaligned.log 2>&1 & \
 	  pid=$$!; $(VENV)/bin/bild little --variants aligned --threads 1 > build/little/make-aligned.log 2>&1; status=$$?; \
 	  wait $$pid && test $$status -eq 0'

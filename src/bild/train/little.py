@@ -45,14 +45,14 @@ class LittleConfig:
     heldout_every: int = 10  # docstrings 0, 10, 20, ... (every round's prompts on them) give the agreement figures
     package: str = "torch"  # an installed package whose docstrings give more prompts (pinned by every set-up path)
     package_prompts: int = 0  # prompts about its docstrings, one per docstring, held out like the stdlib's
-    broad_prompts: int = 0  # prompts of ten kinds from the broad corpus (bild.train.tasks), every tenth held out
+    broad_prompts: int = 4000  # prompts of ten kinds from the broad corpus (bild.train.tasks), every tenth held out
     init_layers: tuple[int, ...] = (0, 6, 12, 18, 24, 29)  # large-model layers the little model's layers start from
     delta_rank: int = 64  # > 0: those layers stay frozen and only low-rank deltas of this rank (and norms) are trained
     draft_vocab_size: int = 8192  # tokens the int8 drafting head keeps (bild.drafters.quantize.DraftHead), from training data
     seed: int = 0
     calibration: CalibrationConfig = CalibrationConfig(max_new_tokens=96, batch_size=48, top_k=16, max_input_tokens=320)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=4.0, batch_size=8, learning_rate=2e-3, kl_weight=0.0, max_prompt_tokens=192, max_target_tokens=96,
+        epochs=1.8, batch_size=8, learning_rate=2e-3, kl_weight=0.0, max_prompt_tokens=192, max_target_tokens=96,
         length_bucket=128))
 
 
