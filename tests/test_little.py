@@ -149,14 +149,22 @@ def test_shipped_little_models_load_by_name_and_fit_the_budget():
         check_same_vocabulary(large, little)
         assert little.name == name and little.model.config.num_hidden_layers == len(LittleConfig().init_layers)
         assert little.model.model.embed_tokens is large.model.model.embed_tokens
-    # the trained model drafts through its int8 draft head, and picks what its fp32 form picks
+    # the trained model drafts through its int8 draft head, and picks what its fp32 form picks where it drafts: on
+    # the large model's answers to chat prompts (both shipped generations of the weights: 91-93% on these three)
     drafting = load_model("smollm2-little", large=large)
     assert isinstance(drafting.model.lm_head, DraftHead) and len(drafting.model.lm_head.draft_vocab) == 8192
     fp32 = load_little("aligned", large, int8=False)
-    prompt = large.tokenizer("The json module encodes Python objects as JSON text and decodes", return_tensors="pt")
-    with torch.inference_mode():
-        agree = drafting.model(**prompt).logits.argmax(-1) == fp32.model(**prompt).logits.argmax(-1)
-    assert agree.float().mean() >= 0.9
+    agree = []
+    for question in ("What does the json module do in Python?", "Explain what a hash table is.",
+                     "Translate to German: The file could not be opened."):
+        ids = large.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                                  return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.inference_mode():
+            answered = large.model.generate(ids, max_new_tokens=40, do_sample=False)
+            window = slice(ids.shape[1] - 1, -1)
+            picks = [model.model(input_ids=answered).logits[0, window].argmax(-1) for model in (drafting, fp32)]
+        agree += (picks[0] == picks[1]).tolist()
+    assert sum(agree) / len(agree) >= 0.85, agree
 
 
 @pytest.mark.slow
