@@ -31,10 +31,10 @@ from bild.policies import (
     find_rollback,
     estimated_rate,
     next_draft_cap,
-    rate_lower_bound,
     next_fallback_threshold,
     next_probe_interval,
     ngram_ending_at,
+    rate_lower_bound,
     repeated_ngrams,
     should_fall_back,
 )
@@ -89,7 +89,7 @@ class _Adaptation:
     probe_interval: int  # large-only passes before the next probe draft
     accepted: int = 0  # drafts the large model accepted
     rejected: int = 0  # ... and rejected (one per rollback; the drafts after it were never judged)
-    confident: int = 0  # small steps that drafted
+    confident: int = 0  # small steps on the large model's text that drafted
     unsure: int = 0  # ... and that fell back (their token dropped)
     passes_alone: int = 0  # large-only passes since drafting was last tried
     probing: bool = False  # this round is a one-token probe
@@ -308,9 +308,8 @@ class BiLD:
     def _plan_round(self, run: _Run, config: BiLDConfig, adaptation: _Adaptation | None) -> None:
         """Set the next round's draft cap and alpha_FB: under the adaptive policy, the cap (up to the one the
         evidence allows) with the most expected tokens per unit of cost given the acceptance and confidence seen so
-        far; 0 (the large model alone) when no
-        cap beats one token per large pass at a cautious acceptance (CAUTION), but a one-token probe after every
-        ``probe_interval`` such passes."""
+        far; 0 (the large model alone) when no cap beats one token per large pass at a cautious acceptance
+        (CAUTION), but a one-token probe after every ``probe_interval`` such passes."""
         run.draft_confidences.clear()
         if adaptation is None:
             run.draft_cap, run.fallback_threshold = config.max_small_steps, config.fallback_threshold
@@ -335,8 +334,10 @@ class BiLD:
             return
         adaptation.accepted += accepted
         adaptation.rejected += accepted < checked
-        adaptation.confident += checked
-        adaptation.unsure += dropped
+        # confidence is counted on the large model's text only: the steps after a rejected draft continued from a
+        # wrong token, where the small model is less sure than it would be on the right one
+        adaptation.confident += min(checked, accepted + 1)
+        adaptation.unsure += dropped if accepted == checked else 0
         if adaptation.probing:
             shortest, longest = self.PROBE_INTERVALS
             paid = checked > 0 and accepted == checked
