@@ -130,7 +130,7 @@ def ceiling(context, dataset) -> dict:
     chat = engine.pair.large.is_chat
     prompts = [engine.encode(dataset.prompt(example), chat=chat) for example in dataset.examples]
     costs = engine.measure_costs(prompts[0], config.max_small_steps)
-    engine.costs = costs
+    engine.costs = costs  # the timed runs share the engine: their adaptive policy plans with the costs replayed here
     totals: dict[str, dict[str, float]] = {}  # kind -> agreeing tokens, tokens, vanilla cost, perfect/replayed costs
     for example, prompt_ids in tqdm(list(zip(dataset.examples, prompts)), desc="ceiling and replay", unit="ex",
                                     file=sys.stderr, dynamic_ncols=True):
