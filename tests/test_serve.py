@@ -29,7 +29,7 @@ import bild
 from bild.config import BiLDConfig, SamplingConfig
 from bild.decoding import BiLD
 from bild.serve import DrainingServer, create_app
-from bild.serve.worker import MAX_RETRY_AFTER_S, GenerationWorker, Job, QueueFull, StopScanner
+from bild.serve.worker import MAX_RETRY_AFTER_S, Finished, GenerationWorker, Job, QueueFull, StopScanner
 from conftest import make_pair
 
 MODEL = "tiny"
@@ -595,6 +595,39 @@ def test_retry_after_is_the_queued_work_not_the_last_long_job():
         assert full.value.retry_after_s <= 2  # 18 tokens x ~0.08 s/token (mostly the first guess); was 9
     finally:
         engine.release.set()
+        worker.close()
+        loop.close()
+
+
+def test_an_answered_request_has_already_freed_its_slot(monkeypatch):
+    """A front end that sends the next request the moment one is answered (Ray Serve holds each replica to
+    queue_size + 1) must find a free slot: the worker frees it before the closing event (was: a 429 when the worker
+    thread was descheduled between the answer and its bookkeeping, as on a loaded machine)."""
+    loop = asyncio.new_event_loop()
+    worker = GenerationWorker(HeldEngine(), queue_size=0)
+    generate = worker._generate
+
+    def generate_then_lag(job):  # the worker thread is descheduled right after a generation
+        last = generate(job)
+        time.sleep(0.3)
+        return last
+
+    monkeypatch.setattr(worker, "_generate", generate_then_lag)
+
+    async def answer(prompt: str) -> Finished:
+        job = _job(prompt, 2, loop)
+        worker.submit(job)
+        while not isinstance(event := await job.events.get(), Finished):
+            pass
+        return event
+
+    async def back_to_back() -> list[Finished]:
+        return [await answer(prompt) for prompt in ("first", "second", "third")]
+
+    try:
+        answers = loop.run_until_complete(asyncio.wait_for(back_to_back(), timeout=10))
+        assert [event.completion_tokens for event in answers] == [2, 2, 2]
+    finally:
         worker.close()
         loop.close()
 

@@ -224,19 +224,25 @@ class GenerationWorker:
                 job.state = _State.RUNNING
                 self._running = job
             started = time.perf_counter()
+            last: Event | None = None
             try:
-                self._generate(job)
+                last = self._generate(job)
             except Exception as error:  # noqa: BLE001 -- the request gets the error; the worker keeps serving
                 logger.exception("generation failed")
-                job.put(Failed(error))
+                last = Failed(error)
             finally:
                 elapsed = time.perf_counter() - started
                 with self._lock:
                     self._learn(job, elapsed)
                     self._running = None
                     self._finish(job)
+            # The slot is free before the request hears it is answered: a front end that sends the next request as
+            # soon as this one is answered (Ray Serve's max_ongoing_requests) never finds the queue still full.
+            if last is not None:
+                job.put(last)
 
-    def _generate(self, job: Job) -> None:
+    def _generate(self, job: Job) -> Finished | None:
+        """Hand out the text as it comes; return the closing event (None for a cancelled job, which gets none)."""
         scanner = StopScanner(job.stops)
         completion_tokens = 0
         result = None
@@ -245,7 +251,7 @@ class GenerationWorker:
         try:
             for chunk in chunks:
                 if job.cancelled.is_set():
-                    return
+                    return None
                 completion_tokens += len(chunk.token_ids)
                 job.tokens_done = completion_tokens
                 stats = chunk.stats
@@ -258,10 +264,9 @@ class GenerationWorker:
         finally:
             chunks.close()  # stops the engine: no token is generated after a stop string or a cancel
         if job.cancelled.is_set():
-            return
+            return None
         if rest := scanner.flush():  # the held-back tail: no stop string came
             job.put(TextDelta(rest))
         if scanner.stopped or result is None:
-            job.put(Finished(scanner.text, "stop", completion_tokens, stats))
-        else:
-            job.put(Finished(scanner.text, result.finish_reason, len(result.token_ids), result.stats))
+            return Finished(scanner.text, "stop", completion_tokens, stats)
+        return Finished(scanner.text, result.finish_reason, len(result.token_ids), result.stats)
