@@ -1,21 +1,24 @@
 """CPU kernel choices for the large model's non-autoregressive passes (a few tokens at once).
 
 BiLD's verification passes feed the large model short blocks of 2-11 tokens. With PyTorch 2.13 on this project's x86
-CPU (AVX-512, 2 threads) two things made such a block cost far more than a one-token step:
+CPU (AVX-512, 2 threads) PyTorch's own kernels made such a block cost far more than a one-token step, and the step
+itself slower than it needs to be:
 
-- Linear layers: an fp32 ``nn.Linear`` over 1-3 rows runs at the speed of reading its weights, but over 4 or more rows
-  PyTorch switches to a GEMM path that costs 1.6-2.4x as much. oneDNN with a weight packed once for it keeps 4-11 rows
-  at 1.1-1.3x the one-row cost (:class:`SmallBatchLinear`; without oneDNN, ``W @ x^T`` at about 1.5x).
+- Linear layers: an fp32 ``nn.Linear`` costs about one weight read per row over 1-3 rows (a 2-token block 1.7x a
+  one-token step, a 3-token block 2.0x) and takes a GEMM path from 4 rows on (1.4-1.8x). oneDNN with a weight
+  packed once for it (:class:`SmallBatchLinear`; without oneDNN, ``W @ x^T``) reads the weight once for any row
+  count: the output layer over one row (576 -> 49,152) takes 6 ms instead of 10, over three rows 5 ms instead of 35.
 - Attention with grouped key/value heads (SmolLM2: 9 query heads, 3 KV heads): transformers' SDPA path copies every
   cached key and value ``n_rep`` times (``repeat_kv``) whenever a mask is needed, i.e. for every block of 2+ tokens
   after a prompt; a one-token step avoids the copy. ``enable_gqa=True`` gives the same numbers without the copy
-  (:func:`gqa_sdpa_attention`).
+  (:func:`cpu_sdpa_attention`).
 
-Measured side by side in one run (SmolLM2-135M, 150 cached tokens, 2 threads; `benchmarks/kernels.py` measures it again), a large
-pass over k tokens in units of a one-token step on PyTorch's own kernels: k = 2: 1.10x -> 1.06x; k = 4-6:
-1.83-1.88x -> 1.39-1.46x; k = 8-11: 2.20-2.45x (1.86-1.96x with the earlier ``W @ x^T`` choice) -> 1.57-1.65x.
-One-row steps (what vanilla decoding does) and long prompts keep PyTorch's own path; the weights are the same
-tensors and the outputs equal up to float rounding (the attention exactly).
+Measured side by side in one run (SmolLM2-135M, 150 cached tokens, 2 threads; `benchmarks/kernels.py` measures it
+again), a large pass over k tokens in units of a one-token step on PyTorch's own kernels: k = 1: 1.0 -> 0.74;
+k = 2-3: 1.7-2.05 -> 0.73-0.83; k = 4-11: 1.39-1.79 -> 0.69-0.82. So the large model alone (one-token steps, as
+transformers' ``generate`` takes them on the same model object) is faster too, and a check of 10 drafts costs about
+what one step costs. The weights are the same tensors and the outputs equal up to float rounding (the attention
+exactly). Long prompts (more than 64 rows) keep PyTorch's own path.
 
 bfloat16 and float16 take other kernels, for exactness rather than speed. In 16 bits, PyTorch's CPU kernels give
 a row of a multi-row product (oneDNN's matrix products, the SDPA attention kernels) a result that can differ in the
@@ -26,7 +29,7 @@ kernels whose rows do not depend on how many rows are computed together (:class:
 own non-oneDNN products with float32 accumulation; :func:`row_invariant_attention`, transformers' "eager" formula),
 for one-token steps and blocks alike. Then a verification pass gives each position exactly what a one-token step
 gives, and lossless BiLD is exactly the large model alone in that dtype (tests/test_devices.py). The cost: a layer's packed copy is made
-the first time it sees 4-64 rows and holds a second copy of its weight (for SmolLM2-135M about 540 MB in all);
+the first time it sees 1-64 rows and holds a second copy of its weight (for SmolLM2-135M about 540 MB in all);
 ``BiLD(pair, cpu_kernels=False)`` keeps the model as loaded.
 """
 
@@ -45,7 +48,7 @@ from transformers.masking_utils import sdpa_mask
 
 logger = logging.getLogger(__name__)
 
-MIN_ROWS, MAX_ROWS = 4, 64  # the row counts that take the packed (or W @ x^T) path
+MIN_ROWS, MAX_ROWS = 1, 64  # the row counts that take the packed (or W @ x^T) path
 PACK_ROWS = 8  # oneDNN's row-count hint for the packed layout (any row count works with it)
 CPU_ATTENTION = "bild_cpu_sdpa"  # the attention implementation name registered by use_cpu_kernels
 
