@@ -14,8 +14,8 @@ itself slower than it needs to be:
   (:func:`cpu_sdpa_attention`).
 
 Measured side by side in one run (SmolLM2-135M, 150 cached tokens, 2 threads; `benchmarks/kernels.py` measures it
-again), a large pass over k tokens in units of a one-token step on PyTorch's own kernels: k = 1: 1.0 -> 0.74;
-k = 2-3: 1.7-2.05 -> 0.73-0.83; k = 4-11: 1.39-1.79 -> 0.69-0.82. So the large model alone (one-token steps, as
+again), a large pass over k tokens in units of a one-token step on PyTorch's own kernels: k = 1: 1.0 -> 0.73;
+k = 2-3: 1.63-2.0 -> 0.69-0.79; k = 4-11: 1.32-1.75 -> 0.69-0.82. So the large model alone (one-token steps, as
 transformers' ``generate`` takes them on the same model object) is faster too, and a check of 10 drafts costs about
 what one step costs. The weights are the same tensors and the outputs equal up to float rounding (the attention
 exactly). Long prompts (more than 64 rows) keep PyTorch's own path.
