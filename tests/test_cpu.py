@@ -111,3 +111,18 @@ def test_the_engine_can_leave_the_large_model_as_loaded():
     BiLD(pair, cpu_kernels=False)
     assert type(pair.large.model.lm_head) is torch.nn.Linear
     assert pair.large.model.config._attn_implementation == "sdpa"
+
+
+def test_small_batch_linear_without_onednn_gives_the_linear_product(monkeypatch):
+    """Builds of PyTorch without oneDNN (e.g. on ARM) take F.linear below MM_MIN_ROWS rows and W @ x^T from there."""
+    import bild.cpu
+
+    monkeypatch.setattr(bild.cpu, "onednn_available", lambda: False)
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(48, 80)
+    switched = copy.deepcopy(plain)
+    switched.__class__ = SmallBatchLinear
+    for rows in (1, bild.cpu.MM_MIN_ROWS - 1, bild.cpu.MM_MIN_ROWS, 9):
+        x = torch.randn(1, rows, 48)
+        with torch.inference_mode():
+            assert torch.allclose(switched(x), plain(x), atol=1e-5), rows

@@ -48,7 +48,8 @@ from transformers.masking_utils import sdpa_mask
 
 logger = logging.getLogger(__name__)
 
-MIN_ROWS, MAX_ROWS = 1, 64  # the row counts that take the packed (or W @ x^T) path
+MIN_ROWS, MAX_ROWS = 1, 64  # the row counts that take the packed path
+MM_MIN_ROWS = 4  # without oneDNN, ``W @ x^T`` from this many rows (measured faster only there)
 PACK_ROWS = 8  # oneDNN's row-count hint for the packed layout (any row count works with it)
 CPU_ATTENTION = "bild_cpu_sdpa"  # the attention implementation name registered by use_cpu_kernels
 
@@ -78,7 +79,7 @@ class SmallBatchLinear(torch.nn.Linear):
     result up to float rounding).
 
     With oneDNN (x86 builds of PyTorch), a packed copy of the weight made on first use and remade when the weight
-    changes in place; otherwise ``(W @ x^T)^T``. Only when no gradient is needed: training takes PyTorch's path.
+    changes in place; otherwise ``(W @ x^T)^T`` from MM_MIN_ROWS rows on. Only when no gradient is needed: training takes PyTorch's path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,6 +90,8 @@ class SmallBatchLinear(torch.nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if onednn_available():
             return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
+        if rows < MM_MIN_ROWS:
+            return F.linear(x, self.weight, self.bias)
         flat = x.reshape(rows, x.shape[-1]).T.contiguous()  # (in, rows)
         out = torch.mm(self.weight, flat).T.contiguous().reshape(*x.shape[:-1], self.out_features)  # (..., out)
         return out if self.bias is None else out + self.bias
