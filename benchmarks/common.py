@@ -95,7 +95,8 @@ def provenance(script: str, argv: list[str] | None = None) -> dict:
         "git": {
             "commit": _git("rev-parse", "HEAD"),
             "dirty": bool(dirty) if dirty is not None else None,
-            "dirty_files": [line[3:] for line in dirty.splitlines()][:20] if dirty else [],
+            # "XY path" lines; the first lost its leading blank to the output's strip, so split rather than slice
+            "dirty_files": [line.split(maxsplit=1)[-1] for line in dirty.splitlines()][:20] if dirty else [],
         },
         "drafter_weights_sha256": drafter_weights(),
         "versions": {
