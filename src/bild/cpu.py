@@ -79,7 +79,8 @@ class SmallBatchLinear(torch.nn.Linear):
     result up to float rounding).
 
     With oneDNN (x86 builds of PyTorch), a packed copy of the weight made on first use and remade when the weight
-    changes in place; otherwise ``(W @ x^T)^T`` from MM_MIN_ROWS rows on. Only when no gradient is needed: training takes PyTorch's path.
+    changes in place; otherwise ``(W @ x^T)^T`` from MM_MIN_ROWS rows on. Only when no gradient is needed: training
+    takes PyTorch's path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
