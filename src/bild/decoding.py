@@ -112,8 +112,8 @@ class BiLD:
         weights and results up to float rounding, but one-token steps and verification passes over 2-64 tokens run on
         faster kernels; the linear layers keep a packed copy of their weights from their first call (memory: a second
         copy of the large model's linear weights); in bfloat16/float16, row-invariant kernels that make lossless BiLD
-        exact, and the small model's 16-bit linear layers take PyTorch's own kernels too (about twice as fast per draft step on
-        this project's CPU as oneDNN's). False leaves the models as loaded.
+        exact, and the small model's 16-bit linear layers take PyTorch's own kernels too (about twice as fast per draft
+        step on this project's CPU as oneDNN's). False leaves the models as loaded.
 
         costs: what a small step and a large pass cost, for the adaptive policy. None measures them once, in a short
         warm-up on the first prompt that uses the policy (then kept: per pair and device, as the engine is). Either way
