@@ -96,6 +96,7 @@ MODEL_NAMES: dict[str, str] = {
     DEFAULT_LARGE: "bild.models:load_default_large",
     DEFAULT_SMALL: "bild.drafters.little:load_aligned",
     "smollm2-little-unaligned": "bild.drafters.little:load_unaligned",
+    "smollm2-little-int8": "bild.drafters.little:load_aligned_int8",
     "smollm2-early-exit": "bild.drafters.early_exit:load_exit",
 }
 # prefix -> "module:factory", factory(large_or_None, argument, placement): names "prefix:argument", e.g. "early-exit:4".

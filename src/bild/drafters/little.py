@@ -13,6 +13,7 @@ on the large model's greedy outputs) and ``smollm2-little-unaligned`` (trained o
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -196,6 +197,14 @@ def load_little(
 def load_aligned(large: LoadedModel | None = None, where: Placement | None = None) -> LoadedModel:
     """``smollm2-little``: trained on the large model's greedy outputs (prediction alignment)."""
     return load_little("aligned", large, where=where)
+
+
+def load_aligned_int8(large: LoadedModel | None = None, where: Placement | None = None) -> LoadedModel:
+    """``smollm2-little-int8``: ``smollm2-little`` drafting through int8 copies of its decoder layers as well (on a
+    CPU in float32; elsewhere the same as ``smollm2-little``): a decode step about 2.5x cheaper, slightly lower
+    agreement."""
+    loaded = load_little("aligned", large, where=where, int8_layers=True)
+    return dataclasses.replace(loaded, name="smollm2-little-int8")
 
 
 def load_unaligned(large: LoadedModel | None = None, where: Placement | None = None) -> LoadedModel:
