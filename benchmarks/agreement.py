@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=24, help="examples of an untagged set (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="(default: %(default)s)")
     parser.add_argument("--large", default=DEFAULT_LARGE, help="(default: %(default)s)")
-    parser.add_argument("--drafters", default="smollm2-little,smollm2-little-unaligned",
+    parser.add_argument("--drafters", default="smollm2-little-int8,smollm2-little,smollm2-little-unaligned",
                         help="built-in drafters (default: %(default)s)")
     parser.add_argument("--candidate", action="append", default=[], metavar="DIR:VARIANT",
                         help="weights written by `bild little --out DIR` (repeatable)")
