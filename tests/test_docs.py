@@ -121,7 +121,7 @@ def tiny_models(monkeypatch):
     """Swap the real models for tiny ones wherever bild loads a model by name."""
     tiny_large, tiny_small = tiny_default_pair()
     real_load_model = bild.models.load_model
-    small_names = {bild.DEFAULT_SMALL, "smollm2-little-unaligned", "smollm2-early-exit"}
+    small_names = {bild.DEFAULT_SMALL, "smollm2-little", "smollm2-little-unaligned", "smollm2-early-exit"}
 
     def load_model(name_or_path: str, large: LoadedModel | None = None, **placement):
         if name_or_path == bild.DEFAULT_LARGE:
