@@ -156,7 +156,7 @@ def test_shipped_little_models_load_by_name_and_fit_the_budget():
     int8_layers = load_model("smollm2-little-int8", large=large)
     assert type(int8_layers.model.model.layers[0].mlp.up_proj) is not torch.nn.Linear  # int8 decoder layers too
     fp32 = load_little("aligned", large, int8=False)
-    agree = []
+    agree, agree_int8_layers = [], []
     for question in ("What does the json module do in Python?", "Explain what a hash table is.",
                      "Translate to German: The file could not be opened."):
         ids = large.tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
@@ -164,9 +164,13 @@ def test_shipped_little_models_load_by_name_and_fit_the_budget():
         with torch.inference_mode():
             answered = large.model.generate(ids, max_new_tokens=40, do_sample=False)
             window = slice(ids.shape[1] - 1, -1)
-            picks = [model.model(input_ids=answered).logits[0, window].argmax(-1) for model in (drafting, fp32)]
-        agree += (picks[0] == picks[1]).tolist()
+            picks = [model.model(input_ids=answered).logits[0, window].argmax(-1)
+                     for model in (drafting, int8_layers, fp32)]
+        agree += (picks[0] == picks[2]).tolist()
+        agree_int8_layers += (picks[1] == picks[2]).tolist()
     assert sum(agree) / len(agree) >= 0.85, agree
+    # the default drafting form (int8 decoder layers too): 87% on these three when its layers were made int8
+    assert sum(agree_int8_layers) / len(agree_int8_layers) >= 0.8, agree_int8_layers
 
 
 @pytest.mark.slow
