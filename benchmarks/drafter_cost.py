@@ -24,7 +24,7 @@ from common import (
 
 QUESTION = "drafter-cost"
 CALIBRATION = REPO / "data" / "little-calibration.jsonl.gz"
-# drafter -> (built-in name, int8 drafting as the engine loads it); the fp32 row is the model as trained
+# drafter -> (built-in name, drafting as the engine loads it by that name); int8 False: the fp32 model as trained
 DRAFTERS = {
     "smollm2-little-int8": ("smollm2-little-int8", True),
     "smollm2-little": ("smollm2-little", True),
@@ -49,14 +49,16 @@ def read_records(path: Path) -> list:
 
 
 def load_drafter(name: str, int8: bool, large):
+    """The drafter as the engine loads it by name, or (int8 False) its fp32 form as trained."""
     from bild.drafters.early_exit import load_exit
     from bild.drafters.little import VARIANTS, load_little
+    from bild.models import load_model
 
-    if name == "smollm2-little-int8":
-        return load_little("aligned", large, int8=int8, int8_layers=True)
+    if int8:
+        return load_model(name, large=large)
     if name in VARIANTS:
-        return load_little(VARIANTS[name], large, int8=int8)
-    return load_exit(large, int8_head=int8)
+        return load_little(VARIANTS[name], large, int8=False)
+    return load_exit(large, int8_head=False)
 
 
 def main(argv: list[str] | None = None) -> int:
