@@ -4,6 +4,7 @@ are fixed by conftest's TEST_COSTS, so every choice the policy makes is a functi
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -13,6 +14,7 @@ from bild.models import ModelPair
 from bild.policies import (
     DraftCosts,
     best_draft_cap,
+    break_even_confidence,
     estimated_rate,
     expected_round_time,
     expected_round_tokens,
@@ -141,6 +143,22 @@ def test_a_confident_wrong_draft_raises_the_fallback_threshold():
     assert any(s.rollbacks for s in stats)
     assert max(s.mean_fallback_threshold for s in stats) > 0.1 + 1e-6
     assert all(s.mean_fallback_threshold >= 0.1 for s in stats)  # never below the configured alpha_FB
+
+
+def test_break_even_confidence():
+    assert break_even_confidence(COSTS) == pytest.approx(0.12)  # (0.1 + 0.02) / 1.0
+    assert break_even_confidence(DraftCosts(small_step=2.0, large_base=1.0, large_per_token=0.0)) == 1.0
+
+
+def test_lossless_bild_falls_back_only_below_the_break_even_confidence_lossy_bild_at_alpha_fb():
+    engine = BiLD(make_pair("llama", same=True))  # every draft accepted: alpha_FB stays at its floor
+    lossless = BiLDConfig(rollback_threshold=0.0, max_new_tokens=40)
+    stats = engine.generate_ids(prompt_ids(0, 6), lossless).stats
+    assert stats.mean_fallback_threshold == pytest.approx(break_even_confidence(engine.costs))  # 0.12 < 0.6
+    lossy = engine.generate_ids(prompt_ids(0, 6), BiLDConfig(max_new_tokens=40)).stats
+    assert lossy.mean_fallback_threshold == pytest.approx(0.6)  # alpha_RB > 0: alpha_FB shapes the output, kept
+    fixed = engine.generate_ids(prompt_ids(0, 6), replace(lossless, policy="fixed")).stats
+    assert fixed.mean_fallback_threshold == pytest.approx(0.6)  # Algorithm 1 as published
 
 
 def test_fixed_policy_reports_its_settings():

@@ -17,6 +17,7 @@ from bild.train.align import (
     TrainConfig,
     agreement,
     align,
+    distillation_records,
     finetune,
     generate_calibration,
     read_calibration,
@@ -120,6 +121,38 @@ def test_token_level_distillation_runs(tmp_path):
     finetune(small, train, TrainConfig(epochs=10, batch_size=8, learning_rate=3e-3, kl_weight=1.0,
                                        freeze_embeddings=False))
     assert agreement(small, heldout) > before
+
+
+def test_raw_text_records_read_the_text_and_target_the_large_models_predictions():
+    tokenizer = tiny_tokenizer()
+    large = tiny_llama(2, 0, tokenizer, "large")
+    texts = random_prompts(40, seed=3) * 2 + [" ".join(random_prompts(30, seed=4))]  # short ones, one long one
+    records = distillation_records(large, texts, chunks=12, chunk_tokens=20, top_k=4, batch_size=5)
+    assert len(records) == 8  # the long text's chunks (the short texts have under 16 tokens each)
+    whole = tokenizer(texts[-1], add_special_tokens=False)["input_ids"]
+    assert [r.input_ids + r.read_ids for r in records[:-1]] == [whole[i : i + 20] for i in range(0, 140, 20)]
+    with torch.no_grad():
+        logits = large.model(input_ids=torch.tensor([whole[:20]])).logits[0]
+    assert records[0].output_ids == logits[:-1].argmax(-1).tolist()  # the prediction after each read token
+    assert [ids[0] for ids in records[0].topk_ids] == records[0].output_ids
+    assert agreement(large, records) == 1.0  # teacher forcing on the same text reproduces the targets exactly
+
+
+def test_distillation_on_raw_text_raises_agreement_on_the_large_models_own_outputs(tmp_path):
+    tokenizer = tiny_tokenizer()
+    large, small = tiny_llama(2, 0, tokenizer, "large"), tiny_llama(1, 1, tokenizer, "small")
+    raw = distillation_records(large, [" ".join(random_prompts(300, seed=5))], chunks=64, chunk_tokens=24, top_k=4)
+    heldout = generate_calibration(large, random_prompts(32, seed=6), tmp_path / "c.jsonl", CALIBRATION)
+    before = agreement(small, heldout)
+    finetune(small, raw, TrainConfig(epochs=10, batch_size=8, learning_rate=3e-3, kl_weight=1.0,
+                                     freeze_embeddings=False))
+    assert agreement(small, heldout) > before + 0.1
+
+
+def test_encoder_decoder_pairs_are_refused_raw_text_distillation():
+    large = tiny_bart(1, 0, tiny_tokenizer(), "large")
+    with pytest.raises(AlignInputError, match="decoder-only"):
+        distillation_records(large, ["w1 w2"], chunks=1)
 
 
 def test_missing_and_empty_input_files(tmp_path):

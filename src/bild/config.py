@@ -42,8 +42,9 @@ class BiLDConfig:
     # large model would pick another token there (alpha_RB = 0 for repeats); 0 turns the guard off (Algorithm 1 as is)
     repeat_ngram: int = 4
     # not in the paper: "adaptive" learns per request how long to draft from what the large model accepts and from
-    # the measured cost of both models (N is then the longest draft and alpha_FB the least threshold); it stops
-    # drafting where drafting does not pay and probes again now and then. "fixed" is Algorithm 1 as published.
+    # the measured cost of both models (N is then the longest draft and alpha_FB the least threshold, or at lossless
+    # alpha_RB = 0 at most the costs' break-even confidence); it stops drafting where drafting does not pay and probes
+    # again now and then. "fixed" is Algorithm 1 as published.
     # Either way the large model checks every kept draft by the same rule: alpha_RB = 0 stays exact.
     policy: Literal["adaptive", "fixed"] = "adaptive"
     sampling: SamplingConfig = field(default_factory=SamplingConfig)

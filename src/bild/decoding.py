@@ -28,6 +28,7 @@ from bild.models import LoadedModel, ModelPair
 from bild.policies import (
     DraftCosts,
     best_draft_cap,
+    break_even_confidence,
     find_rollback,
     estimated_rate,
     next_draft_cap,
@@ -86,6 +87,7 @@ class _Adaptation:
 
     cap: int  # the longest draft the evidence allows: grown after fully accepted drafts, halved after rollbacks
     fallback_threshold: float
+    fallback_floor: float  # the least alpha_FB: the configured one, or the break-even confidence when lossless
     probe_interval: int  # large-only passes before the next probe draft
     accepted: int = 0  # drafts the large model accepted
     rejected: int = 0  # ... and rejected (one per rollback; the drafts after it were never judged)
@@ -298,11 +300,16 @@ class BiLD:
 
     # ---- the adaptive policy (BiLDConfig.policy == "adaptive") ---------------------------------------------
     def _start_adaptation(self, config: BiLDConfig, prompt_ids: list[int]) -> _Adaptation:
-        """Nothing seen yet: the priors alone, a quarter of N as the longest draft, alpha_FB as configured."""
+        """Nothing seen yet: the priors alone, a quarter of N as the longest draft, alpha_FB as configured; lossless
+        (alpha_RB = 0), where alpha_FB changes only the time, at most the break-even confidence of the measured costs
+        (with a small model this cheap, drafts the paper's 0.6 would drop are worth checking)."""
         if self.costs is None:
             self.costs = self.measure_costs(prompt_ids, config.max_small_steps)
         shortest, _ = self.PROBE_INTERVALS
-        return _Adaptation(cap=max(1, config.max_small_steps // 4), fallback_threshold=config.fallback_threshold,
+        floor = config.fallback_threshold
+        if config.rollback_threshold == 0:
+            floor = min(floor, break_even_confidence(self.costs))
+        return _Adaptation(cap=max(1, config.max_small_steps // 4), fallback_threshold=floor, fallback_floor=floor,
                            probe_interval=shortest)
 
     def _plan_round(self, run: _Run, config: BiLDConfig, adaptation: _Adaptation | None) -> None:
@@ -346,7 +353,7 @@ class BiLD:
         adaptation.cap = next_draft_cap(adaptation.cap, checked, accepted, config.max_small_steps)
         rejected = run.draft_confidences[accepted] if accepted < checked else None
         adaptation.fallback_threshold = next_fallback_threshold(
-            adaptation.fallback_threshold, config.fallback_threshold, rejected, checked > 0 and accepted == checked
+            adaptation.fallback_threshold, adaptation.fallback_floor, rejected, checked > 0 and accepted == checked
         )
 
     def _large_pass(self, run: _Run, config: BiLDConfig, large: Decoder, small: Decoder, generators: _Generators,

@@ -157,6 +157,13 @@ def best_draft_cap(acceptance: float, confidence: float, costs: DraftCosts, long
     return best
 
 
+def break_even_confidence(costs: DraftCosts) -> float:
+    """The small model's top-1 probability at which a draft pays for itself, if drafts are accepted about as often as
+    the small model is sure of them: a draft costs a small step and its place in the large pass, and saves a large
+    pass when accepted. Lossless BiLD falls back only below it: its alpha_FB changes the time, never the output."""
+    return min(1.0, (costs.small_step + costs.large_per_token) / costs.large_base)
+
+
 def next_draft_cap(cap: int, checked: int, accepted: int, longest: int) -> int:
     """The cap on the next draft: doubled after a draft the large model accepted whole, halved after a rollback.
 

@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,14 @@ class CalibrationRecord:
     output_ids: list[int]  # the large model's greedy tokens, up to and including the first EOS
     topk_ids: list[list[int]] = field(default_factory=list)  # (len(output_ids), top_k)
     topk_logprobs: list[list[float]] = field(default_factory=list)  # (len(output_ids), top_k)
+    # the tokens read after the input when they are not output_ids: token-level distillation on raw text reads the
+    # real text, and output_ids are the large model's top-1 predictions along it (:func:`distillation_records`)
+    read_ids: list[int] = field(default_factory=list)
+
+    @property
+    def reads(self) -> list[int]:
+        """What the model reads after the input: target i is predicted from input_ids + reads[:i]."""
+        return self.read_ids or self.output_ids
 
 
 @dataclass(frozen=True)
@@ -203,6 +211,44 @@ def generate_calibration(
     return [done[i] for i in sorted(done)]
 
 
+@torch.inference_mode()
+def distillation_records(large: LoadedModel, texts: Iterable[str], chunks: int, chunk_tokens: int = 128,
+                         top_k: int = 16, batch_size: int = 16) -> list[CalibrationRecord]:
+    """Token-level distillation data on raw text: the first ``chunks`` pieces of ``chunk_tokens`` tokens cut from
+    ``texts`` (in order; a text's last piece when it has at least 16 tokens), each read by the large model in one
+    teacher-forced pass. A record reads the real text (``read_ids``) and its targets are the large model's top-1
+    predictions along it (``output_ids``, with the top-k log-probs), so the little model learns what the large one
+    would write next on any text, without the cost of generating it. Decoder-only models."""
+    if large.is_encoder_decoder:
+        raise AlignInputError("distillation on raw text is for decoder-only models")
+    pieces: list[list[int]] = []
+    for text in texts:
+        ids = large.tokenizer(text, add_special_tokens=False)["input_ids"]
+        pieces.extend(ids[start : start + chunk_tokens] for start in range(0, len(ids), chunk_tokens)
+                      if len(ids) - start >= 16)
+        if len(pieces) >= chunks:
+            break
+    pieces = pieces[:chunks]
+    if not pieces:
+        raise AlignInputError("no raw text to distil on (every text is shorter than 16 tokens)")
+    device = input_device(large.model)
+    records = []
+    for start in tqdm(range(0, len(pieces), batch_size), desc="distillation targets", unit="batch"):
+        batch = pieces[start : start + batch_size]
+        input_ids, mask = _pad(batch, _pad_id(large), left=False)
+        logprobs = large.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
+        top_values, top_ids = logprobs.log_softmax(-1).topk(max(1, top_k), dim=-1)  # (batch, length, top_k)
+        for row, piece in enumerate(batch):
+            length = len(piece) - 1  # the prediction after the last token has nothing to be read against
+            records.append(CalibrationRecord(
+                index=start + row, prompt="", input_ids=piece[:1], output_ids=top_ids[row, :length, 0].tolist(),
+                topk_ids=top_ids[row, :length].tolist() if top_k > 0 else [],
+                topk_logprobs=[[round(v, 3) for v in position] for position in top_values[row, :length].tolist()]
+                if top_k > 0 else [],
+                read_ids=piece[1:]))
+    return records
+
+
 def _drop_torn_tail(path: Path) -> None:
     """Cut a last line that an interrupted write left without its newline, so appending starts on a fresh line."""
     if not path.is_file():
@@ -307,6 +353,7 @@ def make_batch(model: LoadedModel, records: Sequence[CalibrationRecord], config:
     contexts = [record.input_ids[-config.max_prompt_tokens :] if not model.is_encoder_decoder
                 else record.input_ids[: config.max_prompt_tokens] for record in records]
     targets = [record.output_ids[: config.max_target_tokens] for record in records]
+    reads = [record.reads[: config.max_target_tokens] for record in records]
     target_len = max(len(t) for t in targets)
     target_ids, _ = _pad(targets, IGNORE, left=False)  # (batch, target_len)
     topk_ids, topk_logprobs = _topk_tensors(records, target_len, config)
@@ -314,12 +361,12 @@ def make_batch(model: LoadedModel, records: Sequence[CalibrationRecord], config:
     if model.is_encoder_decoder:
         start = model.model.config.decoder_start_token_id
         source, source_mask = _pad(contexts, pad_id, left=False)
-        decoder_ids, _ = _pad([[start] + t[:-1] for t in targets], pad_id, left=False)
+        decoder_ids, _ = _pad([[start] + r[:-1] for r in reads], pad_id, left=False)
         inputs = {"input_ids": source, "attention_mask": source_mask, "decoder_input_ids": decoder_ids}
         return Batch(inputs, None, target_ids, topk_ids, topk_logprobs)
     prompt_len = max(len(c) for c in contexts)
     left, left_mask = _pad(contexts, pad_id, left=True)  # (batch, prompt_len)
-    right, right_mask = _pad([t[:-1] if len(t) > 1 else [pad_id] for t in targets], pad_id, left=False)
+    right, right_mask = _pad([r[:-1] if len(r) > 1 else [pad_id] for r in reads], pad_id, left=False)
     right_mask[[i for i, t in enumerate(targets) if len(t) <= 1], :] = 0
     input_ids = torch.cat([left, right], dim=1)  # (batch, prompt_len + target_len - 1 or so)
     mask = torch.cat([left_mask, right_mask], dim=1)
