@@ -18,6 +18,7 @@ from bild.train.align import (
     agreement,
     align,
     distillation_records,
+    teacher_forced_records,
     finetune,
     generate_calibration,
     read_calibration,
@@ -136,6 +137,10 @@ def test_raw_text_records_read_the_text_and_target_the_large_models_predictions(
     assert records[0].output_ids == logits[:-1].argmax(-1).tolist()  # the prediction after each read token
     assert [ids[0] for ids in records[0].topk_ids] == records[0].output_ids
     assert agreement(large, records) == 1.0  # teacher forcing on the same text reproduces the targets exactly
+    context, text = whole[:5], whole[5:12]  # a text read after a prompt of several tokens
+    [record] = teacher_forced_records(large, [(context, text), (whole[:2], whole[2:4])], top_k=0, batch_size=2)[:1]
+    assert record.input_ids == context and record.read_ids == text and record.topk_ids == []
+    assert record.output_ids == logits[4:11].argmax(-1).tolist()
 
 
 def test_distillation_on_raw_text_raises_agreement_on_the_large_models_own_outputs(tmp_path):
@@ -152,7 +157,7 @@ def test_distillation_on_raw_text_raises_agreement_on_the_large_models_own_outpu
 def test_encoder_decoder_pairs_are_refused_raw_text_distillation():
     large = tiny_bart(1, 0, tiny_tokenizer(), "large")
     with pytest.raises(AlignInputError, match="decoder-only"):
-        distillation_records(large, ["w1 w2"], chunks=1)
+        distillation_records(large, [" ".join(WORDS)], chunks=1)
 
 
 def test_missing_and_empty_input_files(tmp_path):

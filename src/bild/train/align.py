@@ -211,16 +211,11 @@ def generate_calibration(
     return [done[i] for i in sorted(done)]
 
 
-@torch.inference_mode()
 def distillation_records(large: LoadedModel, texts: Iterable[str], chunks: int, chunk_tokens: int = 128,
                          top_k: int = 16, batch_size: int = 16) -> list[CalibrationRecord]:
     """Token-level distillation data on raw text: the first ``chunks`` pieces of ``chunk_tokens`` tokens cut from
     ``texts`` (in order; a text's last piece when it has at least 16 tokens), each read by the large model in one
-    teacher-forced pass. A record reads the real text (``read_ids``) and its targets are the large model's top-1
-    predictions along it (``output_ids``, with the top-k log-probs), so the little model learns what the large one
-    would write next on any text, without the cost of generating it. Decoder-only models."""
-    if large.is_encoder_decoder:
-        raise AlignInputError("distillation on raw text is for decoder-only models")
+    teacher-forced pass (:func:`teacher_forced_records`). Decoder-only models."""
     pieces: list[list[int]] = []
     for text in texts:
         ids = large.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -228,24 +223,36 @@ def distillation_records(large: LoadedModel, texts: Iterable[str], chunks: int, 
                       if len(ids) - start >= 16)
         if len(pieces) >= chunks:
             break
-    pieces = pieces[:chunks]
     if not pieces:
         raise AlignInputError("no raw text to distil on (every text is shorter than 16 tokens)")
+    return teacher_forced_records(large, [(piece[:1], piece[1:]) for piece in pieces[:chunks]], top_k, batch_size)
+
+
+@torch.inference_mode()
+def teacher_forced_records(large: LoadedModel, texts: Sequence[tuple[list[int], list[int]]], top_k: int = 16,
+                           batch_size: int = 16) -> list[CalibrationRecord]:
+    """Token-level distillation data: for each (input ids, text ids), a record that reads the real text
+    (``read_ids``) after the input and whose targets are the large model's top-1 predictions along it (``output_ids``,
+    with the top-k log-probs), all from one teacher-forced pass per batch. The little model learns what the large one
+    would write next on any text, without the cost of generating it. Decoder-only models."""
+    if large.is_encoder_decoder:
+        raise AlignInputError("distillation on raw text is for decoder-only models")
     device = input_device(large.model)
     records = []
-    for start in tqdm(range(0, len(pieces), batch_size), desc="distillation targets", unit="batch"):
-        batch = pieces[start : start + batch_size]
-        input_ids, mask = _pad(batch, _pad_id(large), left=False)
+    for start in tqdm(range(0, len(texts), batch_size), desc="distillation targets", unit="batch"):
+        batch = texts[start : start + batch_size]
+        input_ids, mask = _pad([context + text for context, text in batch], _pad_id(large), left=False)
         logprobs = large.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()
         top_values, top_ids = logprobs.log_softmax(-1).topk(max(1, top_k), dim=-1)  # (batch, length, top_k)
-        for row, piece in enumerate(batch):
-            length = len(piece) - 1  # the prediction after the last token has nothing to be read against
+        for row, (context, text) in enumerate(batch):
+            # the predictions after the input and after each text token but the last (nothing to read it against)
+            window = slice(len(context) - 1, len(context) + len(text) - 1)
             records.append(CalibrationRecord(
-                index=start + row, prompt="", input_ids=piece[:1], output_ids=top_ids[row, :length, 0].tolist(),
-                topk_ids=top_ids[row, :length].tolist() if top_k > 0 else [],
-                topk_logprobs=[[round(v, 3) for v in position] for position in top_values[row, :length].tolist()]
+                index=start + row, prompt="", input_ids=context, output_ids=top_ids[row, window, 0].tolist(),
+                topk_ids=top_ids[row, window].tolist() if top_k > 0 else [],
+                topk_logprobs=[[round(v, 3) for v in position] for position in top_values[row, window].tolist()]
                 if top_k > 0 else [],
-                read_ids=piece[1:]))
+                read_ids=text))
     return records
 
 
