@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import adaptive  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
 import common  # noqa: E402
+import distil_trial  # noqa: E402
 import paper_table  # noqa: E402
 import results_table  # noqa: E402
 
@@ -90,6 +91,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert errors == ["paper_table.py: error: --repeats must be >= 3 (timed figures are medians of repeats), got 2",
                       errors[1]] and errors[1].startswith("paper_table.py: error: unknown method nope")
     assert not list(tmp_path.iterdir())
+    out = tmp_path / "trial"
+    assert common.main_guard(distil_trial.main, ["--mix", "raw", "--steps", "0", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "distil_trial.py: error: --steps, --batch-size and --threads must be at least 1")
+    assert not out.exists()
 
 
 # ---- a script end to end, then the table -----------------------------------------------------------------------
