@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -122,6 +123,28 @@ def test_token_level_distillation_runs(tmp_path):
     finetune(small, train, TrainConfig(epochs=10, batch_size=8, learning_rate=3e-3, kl_weight=1.0,
                                        freeze_embeddings=False))
     assert agreement(small, heldout) > before
+
+
+def test_soft_targets_apply_to_the_records_that_have_a_top_k_in_a_mixed_batch(tmp_path):
+    from dataclasses import replace
+
+    from bild.train.align import batch_logits, batch_loss, make_batch
+
+    tokenizer = tiny_tokenizer()
+    large, small = tiny_llama(2, 0, tokenizer, "large"), tiny_llama(1, 1, tokenizer, "small")
+    records = generate_calibration(large, random_prompts(6), tmp_path / "c.jsonl", CALIBRATION)
+    stripped = [replace(r, topk_ids=[], topk_logprobs=[]) for r in records]
+    config = TrainConfig(kl_weight=1.0)
+
+    def losses(batch_records):
+        batch = make_batch(small, batch_records, config)
+        with torch.no_grad():
+            logits = batch_logits(small, batch)
+        return batch_loss(logits, batch, 0.0).item(), batch_loss(logits, batch, 1.0).item()
+
+    hard, soft = losses(records[:3] + stripped[3:])  # half with a stored top-k, half without (as the shipped data)
+    assert math.isfinite(soft) and soft > hard + 0.1  # the soft cross-entropy of the first three is added
+    assert losses(stripped) == (losses(stripped)[0],) * 2  # none with a top-k: cross-entropy alone
 
 
 def test_raw_text_records_read_the_text_and_target_the_large_models_predictions():

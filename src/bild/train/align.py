@@ -389,16 +389,20 @@ def make_batch(model: LoadedModel, records: Sequence[CalibrationRecord], config:
 def _topk_tensors(
     records: Sequence[CalibrationRecord], target_len: int, config: TrainConfig
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if config.kl_weight == 0 or any(not record.topk_ids for record in records):
+    """The stored top-k of each record, padded; a record without one (calibration data stored without top-k beside
+    data with it) gets no soft targets: its rows of ``logprobs`` stay -inf, which :func:`batch_loss` leaves out."""
+    with_topk = [record for record in records if record.topk_ids]
+    if config.kl_weight == 0 or not with_topk:
         return None, None
-    top_k = len(records[0].topk_ids[0])
+    top_k = len(with_topk[0].topk_ids[0])
     ids = torch.zeros((len(records), target_len, top_k), dtype=torch.long)
     logprobs = torch.full((len(records), target_len, top_k), -math.inf)
     for row, record in enumerate(records):
+        if not record.topk_ids:
+            continue
         length = min(len(record.topk_ids), target_len)
         ids[row, :length] = torch.tensor(record.topk_ids[:length])
         logprobs[row, :length] = torch.tensor(record.topk_logprobs[:length])
-    logprobs[:, :, 0] = logprobs[:, :, 0].nan_to_num(neginf=0.0)  # padded rows: a harmless one-hot
     return ids, logprobs
 
 
@@ -417,9 +421,12 @@ def batch_loss(logits: torch.Tensor, batch: Batch, kl_weight: float) -> torch.Te
     valid = targets != IGNORE  # (batch, target_len)
     loss = F.cross_entropy(logits[valid].float(), targets[valid])
     if kl_weight > 0 and batch.topk_ids is not None:
-        student = logits.float().log_softmax(-1).gather(-1, batch.topk_ids.to(logits.device))  # (batch, target_len, top_k)
-        teacher = batch.topk_logprobs.to(logits.device).softmax(-1)  # renormalized over the k kept tokens
-        loss = loss + kl_weight * -(teacher * student).sum(-1)[valid].mean()
+        teacher_logprobs = batch.topk_logprobs.to(logits.device)  # (batch, target_len, top_k)
+        soft = valid & (teacher_logprobs[..., 0] > -math.inf)  # target positions with a stored top-k
+        if soft.any():
+            student = logits.float().log_softmax(-1).gather(-1, batch.topk_ids.to(logits.device))
+            teacher = teacher_logprobs[soft].softmax(-1)  # renormalized over the k kept tokens
+            loss = loss + kl_weight * -(teacher * student[soft]).sum(-1).mean()
     return loss
 
 
