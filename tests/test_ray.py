@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -20,6 +21,11 @@ pytest.importorskip("ray", reason="bild[ray] is not installed")
 
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
+
+from bild.cli.serve import PROXY_READY_ENV  # noqa: E402
+
+# the fixture's local Ray (started here, not by `bild serve`) gives its HTTP proxy as long as `bild serve` does
+os.environ.setdefault(PROXY_READY_ENV, "30")
 
 from bild.config import BiLDConfig  # noqa: E402
 from bild.serve.ray import DEPLOYMENT_NAME, REPLICA_HEADER, ReplicaSpec, Scaling, build_app  # noqa: E402

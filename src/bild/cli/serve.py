@@ -23,6 +23,7 @@ DEFAULT_QUEUE_SIZE = 32
 DEFAULT_MAX_PROMPT_TOKENS = 2048
 
 API_KEY_ENV = "BILD_API_KEY"
+PROXY_READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"  # seconds Ray Serve waits for its HTTP proxy
 
 EPILOG = f"""\
 examples:
@@ -156,6 +157,8 @@ def _run_on_ray(args: argparse.Namespace, defaults) -> int:
     from ray import serve
 
     local = args.ray_address is None
+    if local:  # Ray Serve gives its HTTP proxy 5 s to report ready, too little on a busy machine; yours wins if set
+        os.environ.setdefault(PROXY_READY_ENV, "30")
     print("starting a local Ray" if local else f"joining the Ray cluster at {args.ray_address}", file=sys.stderr)
     ray.init(address="local" if local else args.ray_address, include_dashboard=False, logging_level="WARNING",
              log_to_driver=args.log_level in ("info", "debug"))
