@@ -247,12 +247,9 @@ def teacher_forced_records(large: LoadedModel, texts: Sequence[tuple[list[int], 
         for row, (context, text) in enumerate(batch):
             # the predictions after the input and after each text token but the last (nothing to read it against)
             window = slice(len(context) - 1, len(context) + len(text) - 1)
-            records.append(CalibrationRecord(
-                index=start + row, prompt="", input_ids=context, output_ids=top_ids[row, window, 0].tolist(),
-                topk_ids=top_ids[row, window].tolist() if top_k > 0 else [],
-                topk_logprobs=[[round(v, 3) for v in position] for position in top_values[row, window].tolist()]
-                if top_k > 0 else [],
-                read_ids=text))
+            stored = _stored_topk(top_values[row, window], top_ids[row, window]) if top_k > 0 else {}
+            records.append(CalibrationRecord(index=start + row, prompt="", input_ids=context,
+                                             output_ids=top_ids[row, window, 0].tolist(), read_ids=text, **stored))
     return records
 
 
@@ -305,13 +302,16 @@ def _generate_batch(
                 prompt=prompt,
                 input_ids=ids,
                 output_ids=generated[row, :length].tolist(),
-                topk_ids=top_ids[row, :length].tolist() if config.top_k > 0 else [],
-                topk_logprobs=[[round(v, 3) for v in pos] for pos in top_values[row, :length].tolist()]
-                if config.top_k > 0
-                else [],
+                **(_stored_topk(top_values[row, :length], top_ids[row, :length]) if config.top_k > 0 else {}),
             )
         )
     return records
+
+
+def _stored_topk(values: torch.Tensor, ids: torch.Tensor) -> dict[str, list]:
+    """A record's top-k fields from (positions, k) log-probs and token ids, the log-probs rounded for storage."""
+    logprobs = [[round(value, 3) for value in position] for position in values.tolist()]
+    return {"topk_ids": ids.tolist(), "topk_logprobs": logprobs}
 
 
 def _output_length(tokens: list[int], eos_ids: Sequence[int]) -> int:
