@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = LittleConfig()
-    train = replace(config.train, epochs=1.0, learning_rate=args.learning_rate, kl_weight=args.kl_weight)
+    train = replace(config.train, learning_rate=args.learning_rate, kl_weight=args.kl_weight)
     large = load_model(DEFAULT_LARGE, device="cpu")
     stdlib = [r for r in read_calibration(calibration_file("calibration.jsonl")) if r.output_ids]
     broad = [r for r in read_calibration(calibration_file("calibration-broad.jsonl")) if r.output_ids]
