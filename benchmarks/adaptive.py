@@ -9,8 +9,8 @@ the latency ratio (speedup) and the throughput ratio (tokens/s) over vanilla, ov
 
 The ceiling: before the timed runs, the large model's greedy output for every prompt and the small model's
 teacher-forced top-1 agreement with it at every position; a perfect lossless policy drafts exactly the runs the large
-model will accept (at most N), never a token it will reject, and pays the engine's measured costs (a small step, a
-large pass over one token and what each further token adds). Its speedup over the large model alone, per kind, is
+model will accept (at most N), never a token it will reject, and pays the engine's measured costs (a draft step, a
+large pass over 1, 2, ... N + 1 tokens). Its speedup over the large model alone, per kind, is
 the most any lossless drafting policy could get from this small model on these prompts (the prefill, the same for
 both, left out). It is reported beside the measured lossless speedups.
 
@@ -106,7 +106,6 @@ def replay_cost(engine, config, trace: Trace) -> float:
             if should_fall_back(confidence, drafts, run.fallback_threshold, run.draft_cap):
                 dropped = 1
                 break
-            run.draft_confidences.append(confidence)
             drafts += 1
         accepted = 0
         while accepted < drafts and (trace.agrees[position + accepted]
@@ -147,7 +146,8 @@ def ceiling(context, dataset) -> dict:
                 total[key] += value
     return {"ceiling": {
         "costs_ms": {"small_step": costs.small_step * 1e3, "large_base": costs.large_base * 1e3,
-                     "large_per_token": costs.large_per_token * 1e3},
+                     "large_per_token": costs.large_per_token * 1e3,
+                     "large_passes": [seconds * 1e3 for seconds in costs.large_passes]},
         "kinds": {kind: {"agreement": row["agree"] / row["tokens"] if row["tokens"] else None,
                          "perfect_lossless_speedup": row["vanilla"] / row["perfect"] if row["perfect"] else None,
                          "replayed_speedup": {name: row["vanilla"] / row[name] if row[name] else None

@@ -170,7 +170,7 @@ TEST_COSTS = DraftCosts(small_step=0.1, large_base=1.0, large_per_token=0.02)
 def clock_free_costs(monkeypatch):
     from bild.decoding import BiLD
 
-    monkeypatch.setattr(BiLD, "measure_costs", lambda self, prompt_ids, longest, repeats=5: TEST_COSTS)
+    monkeypatch.setattr(BiLD, "measure_costs", lambda self, prompt_ids, longest, repeats=3: TEST_COSTS)
 
 
 def save_pair(directory, family: str = "llama", with_eos: bool = False, dtype: torch.dtype = torch.float32):

@@ -15,18 +15,19 @@ from bild.policies import (
     DraftCosts,
     best_draft_cap,
     break_even_confidence,
+    cheapest_check,
     estimated_rate,
     expected_round_time,
     expected_round_tokens,
     next_draft_cap,
-    next_fallback_threshold,
     next_probe_interval,
     rate_lower_bound,
 )
 
-from conftest import loaded, make_pair, prompt_ids, tiny_llama, tiny_tokenizer
+from conftest import TEST_COSTS, loaded, make_pair, prompt_ids, tiny_llama, tiny_tokenizer
 
 COSTS = DraftCosts(small_step=0.1, large_base=1.0, large_per_token=0.02)
+MEASURE_COSTS = BiLD.measure_costs  # the real one: conftest replaces it in every test with fixed costs
 
 
 # ---- pure functions ------------------------------------------------------------------------------------------
@@ -35,13 +36,49 @@ def test_round_time():
     assert COSTS.round_time(0) == 1.0 and COSTS.round_time(3) == pytest.approx(1.0 + 3 * 0.12)
 
 
-def test_draft_cap_doubles_when_filled_and_halves_after_a_rollback():
+def test_measured_pass_costs_replace_the_linear_model_where_there_are_any():
+    # as on a CPU: a pass over 2 tokens dearer than a one-token step, over 3-6 cheaper (kernels chosen by row count)
+    measured = DraftCosts(small_step=0.1, large_base=1.0, large_per_token=0.02, large_passes=(1.0, 1.2, 0.9, 0.9))
+    assert [measured.large_pass(width) for width in (1, 2, 3, 4)] == [1.0, 1.2, 0.9, 0.9]
+    assert measured.large_pass(6) == pytest.approx(1.1)  # beyond the table: large_base + 5 x large_per_token
+    assert measured.round_time(1) == pytest.approx(0.1 + 1.2) and measured.round_time(3) == pytest.approx(0.3 + 0.9)
+    for confidence in (0.3, 0.8, 1.0):  # expected_round_time = the mean over the number of drafts, d = 0..cap
+        chance = [confidence**d * (1 - confidence) for d in range(3)] + [confidence**3]
+        steps = [d + 1 for d in range(3)] + [3]  # a fallback's dropped step costs a step too
+        direct = sum(p * (n * 0.1 + measured.large_pass(d + 1)) for d, (p, n) in enumerate(zip(chance, steps)))
+        assert expected_round_time(confidence, 3, measured) == pytest.approx(direct)
+    # a two-token check dearer than a one-token step, wider ones cheaper: at 20% acceptance one draft does not pay
+    # (1.2 tokens for 1.3), two do (1.24 for 1.1); on the linear costs one draft pays (1.2 for 1.12)
+    assert best_draft_cap(0.2, 1.0, measured, longest=1) == 0
+    assert best_draft_cap(0.2, 1.0, measured, longest=3) == 2
+    assert best_draft_cap(0.2, 1.0, COSTS, longest=1) == 1
+
+
+def test_measure_costs_times_a_draft_step_and_every_pass_width():
+    engine = BiLD(make_pair("llama"))
+    costs = MEASURE_COSTS(engine, prompt_ids(0, 6), longest=5, repeats=1)
+    assert len(costs.large_passes) == 6 and min(costs.large_passes) > 0 and costs.small_step > 0
+    assert costs.large_pass(1) == costs.large_base and costs.large_per_token >= 0
+
+
+def test_draft_cap_doubles_when_filled_and_halves_after_a_rollback_down_to_the_cheapest_check():
     assert next_draft_cap(2, checked=2, accepted=2, longest=10) == 4
     assert next_draft_cap(8, checked=8, accepted=8, longest=10) == 10
     assert next_draft_cap(8, checked=3, accepted=3, longest=10) == 10  # accepted whole, though a fallback ended it
     assert next_draft_cap(4, checked=0, accepted=0, longest=10) == 4  # nothing drafted: nothing learnt
     assert next_draft_cap(8, checked=5, accepted=2, longest=10) == 4
     assert next_draft_cap(1, checked=1, accepted=0, longest=10) == 1
+    # where a check of 4 drafts is the cheapest, the cap halves to 4 and no lower; a cap below it stays
+    assert next_draft_cap(8, checked=8, accepted=0, longest=10, shortest=4) == 4
+    assert next_draft_cap(6, checked=6, accepted=0, longest=10, shortest=4) == 4
+    assert next_draft_cap(2, checked=2, accepted=0, longest=10, shortest=4) == 2
+
+
+def test_cheapest_check():
+    assert cheapest_check(COSTS, longest=10) == 1  # cost grows with the width: 1, the least the cap can be
+    cpu = DraftCosts(small_step=0.1, large_base=1.0, large_per_token=0.02, large_passes=(1.0, 1.2, 0.9, 0.88, 0.88))
+    assert cheapest_check(cpu, longest=4) == 3  # a pass over 4 tokens is the cheapest (over 5 as cheap, not less)
+    assert cheapest_check(cpu, longest=2) == 2
 
 
 def test_estimated_rate_starts_at_the_prior_and_follows_what_is_seen():
@@ -74,14 +111,6 @@ def test_best_draft_cap_drafts_long_when_accepted_and_not_at_all_when_rejected()
     rate = expected_round_tokens(0.6, 1.0, middle) / expected_round_time(1.0, middle, COSTS)
     assert all(rate >= expected_round_tokens(0.6, 1.0, k) / expected_round_time(1.0, k, COSTS) for k in range(1, 11))
     assert rate > 1 / COSTS.large_base
-
-
-def test_fallback_threshold_rises_after_confident_rejections_and_returns_to_its_floor():
-    assert next_fallback_threshold(0.6, floor=0.6, rejected_confidence=0.9, all_accepted=False) == pytest.approx(0.62)
-    assert next_fallback_threshold(0.6, floor=0.6, rejected_confidence=0.3, all_accepted=False) == 0.6  # was unsure
-    assert next_fallback_threshold(0.8, floor=0.6, rejected_confidence=None, all_accepted=True) == pytest.approx(0.78)
-    assert next_fallback_threshold(0.61, floor=0.6, rejected_confidence=None, all_accepted=True) == 0.6
-    assert next_fallback_threshold(0.95, floor=0.6, rejected_confidence=0.99, all_accepted=False) == 0.95
 
 
 def test_probe_interval_backs_off_and_resets():
@@ -135,14 +164,14 @@ def test_a_small_model_equal_to_the_large_one_drafts_long_runs():
         assert stats.mean_draft_cap >= 7.0, stats
 
 
-def test_a_confident_wrong_draft_raises_the_fallback_threshold():
+def test_alpha_fb_stays_where_it_started_through_confident_rejections():
     pair = make_pair("llama", noise=0.6)  # agrees part of the time, often confidently wrong
     engine = BiLD(pair)
-    config = BiLDConfig(fallback_threshold=0.1, rollback_threshold=0.0, max_new_tokens=80)
-    stats = [engine.generate_ids(prompt_ids(seed, 6), config).stats for seed in range(4)]
-    assert any(s.rollbacks for s in stats)
-    assert max(s.mean_fallback_threshold for s in stats) > 0.1 + 1e-6
-    assert all(s.mean_fallback_threshold >= 0.1 for s in stats)  # never below the configured alpha_FB
+    for rollback_threshold, expected in ((0.0, break_even_confidence(TEST_COSTS)), (2.0, 0.6)):
+        config = BiLDConfig(fallback_threshold=0.6, rollback_threshold=rollback_threshold, max_new_tokens=80)
+        stats = [engine.generate_ids(prompt_ids(seed, 6), config).stats for seed in range(4)]
+        assert any(s.rollbacks for s in stats)
+        assert all(s.mean_fallback_threshold == pytest.approx(expected) for s in stats)
 
 
 def test_break_even_confidence():

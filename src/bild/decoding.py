@@ -18,6 +18,7 @@ from functools import partial
 from dataclasses import dataclass, field
 from typing import Iterator
 
+import numpy
 import torch
 
 from bild.cache import CachedDecoder, Decoder
@@ -29,10 +30,10 @@ from bild.policies import (
     DraftCosts,
     best_draft_cap,
     break_even_confidence,
+    cheapest_check,
     find_rollback,
     estimated_rate,
     next_draft_cap,
-    next_fallback_threshold,
     next_probe_interval,
     ngram_ending_at,
     rate_lower_bound,
@@ -71,7 +72,6 @@ class _Run:
     ngrams_before: int = 0  # ... ending at output positions before this one
     draft_cap: int = 0  # the longest draft allowed in this round (N under the fixed policy; 0: the large model alone)
     fallback_threshold: float = 0.0  # alpha_FB in force in this round
-    draft_confidences: list[float] = field(default_factory=list)  # the small model's top-1 prob. of each pending draft
     cap_sum: float = 0.0  # draft_cap summed over large passes (for the statistics)
     threshold_sum: float = 0.0  # fallback_threshold summed over large passes
     policy_passes: int = 0  # large passes counted in the two sums
@@ -81,13 +81,18 @@ class _Run:
         return len(self.tokens) - self.output_start
 
 
+# the widths of a large pass that the adaptive policy's warm-up times (and the longest draft plus one); on a CPU the
+# cost of a pass is far from linear in its width, so it is measured at every small width and interpolated between
+MEASURED_WIDTHS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
 @dataclass
 class _Adaptation:
     """The adaptive policy's state for one request (BiLDConfig.policy == "adaptive"); the math is in policies.py."""
 
     cap: int  # the longest draft the evidence allows: grown after fully accepted drafts, halved after rollbacks
-    fallback_threshold: float
-    fallback_floor: float  # the least alpha_FB: the configured one, or the break-even confidence when lossless
+    shortest_cap: int  # ... but not below the draft length whose check is cheapest
+    fallback_threshold: float  # the configured alpha_FB, or the break-even confidence when lossless
     probe_interval: int  # large-only passes before the next probe draft
     accepted: int = 0  # drafts the large model accepted
     rejected: int = 0  # ... and rejected (one per rollback; the drafts after it were never judged)
@@ -281,7 +286,7 @@ class BiLD:
                 small_logits = small.forward(run.tokens, keep=1)[-1]  # (vocab,)
                 confidence = top_probability(small_logits, config.sampling)
                 if not should_fall_back(confidence, run.small_run, run.fallback_threshold, run.draft_cap):
-                    self._draft(run, pick(small_logits, config.sampling, generators.on(small_logits.device)), confidence)
+                    self._draft(run, pick(small_logits, config.sampling, generators.on(small_logits.device)))
                     continue
                 run.fallbacks += 1  # the small token is dropped
                 dropped = 1
@@ -291,10 +296,9 @@ class BiLD:
             self._plan_round(run, config, adaptation)
             yield
 
-    def _draft(self, run: _Run, token: int, confidence: float) -> None:
+    def _draft(self, run: _Run, token: int) -> None:
         run.written_by_small.add(len(run.tokens))
         run.tokens.append(token)
-        run.draft_confidences.append(confidence)
         run.small_run += 1
         run.small_drafted += 1
 
@@ -302,14 +306,16 @@ class BiLD:
     def _start_adaptation(self, config: BiLDConfig, prompt_ids: list[int]) -> _Adaptation:
         """Nothing seen yet: the priors alone, a quarter of N as the longest draft, alpha_FB as configured; lossless
         (alpha_RB = 0), where alpha_FB changes only the time, at most the break-even confidence of the measured costs
-        (with a small model this cheap, drafts the paper's 0.6 would drop are worth checking)."""
+        (with a small model this cheap, drafts the paper's 0.6 would drop are worth checking). alpha_FB then stays
+        put for the request: raising it after confident rejections made no run faster in replays (0-6% slower)."""
         if self.costs is None:
             self.costs = self.measure_costs(prompt_ids, config.max_small_steps)
         shortest, _ = self.PROBE_INTERVALS
-        floor = config.fallback_threshold
+        threshold = config.fallback_threshold
         if config.rollback_threshold == 0:
-            floor = min(floor, break_even_confidence(self.costs))
-        return _Adaptation(cap=max(1, config.max_small_steps // 4), fallback_threshold=floor, fallback_floor=floor,
+            threshold = min(threshold, break_even_confidence(self.costs))
+        return _Adaptation(cap=max(1, config.max_small_steps // 4),
+                           shortest_cap=cheapest_check(self.costs, config.max_small_steps), fallback_threshold=threshold,
                            probe_interval=shortest)
 
     def _plan_round(self, run: _Run, config: BiLDConfig, adaptation: _Adaptation | None) -> None:
@@ -317,7 +323,6 @@ class BiLD:
         evidence allows) with the most expected tokens per unit of cost given the acceptance and confidence seen so
         far; 0 (the large model alone) when no cap beats one token per large pass at a cautious acceptance
         (CAUTION), but a one-token probe after every ``probe_interval`` such passes."""
-        run.draft_confidences.clear()
         if adaptation is None:
             run.draft_cap, run.fallback_threshold = config.max_small_steps, config.fallback_threshold
             return
@@ -325,7 +330,8 @@ class BiLD:
         seen = adaptation.accepted, adaptation.rejected, self.ACCEPTANCE_PRIOR, weight
         confidence = estimated_rate(adaptation.confident, adaptation.unsure, self.CONFIDENCE_PRIOR, weight)
         run.draft_cap = best_draft_cap(estimated_rate(*seen), confidence, self.costs, adaptation.cap)
-        if run.draft_cap and not best_draft_cap(rate_lower_bound(*seen, self.CAUTION), confidence, self.costs, 1):
+        cautious = rate_lower_bound(*seen, self.CAUTION)
+        if run.draft_cap and not best_draft_cap(cautious, confidence, self.costs, run.draft_cap):
             run.draft_cap = 0
         adaptation.probing = run.draft_cap == 0 and adaptation.passes_alone >= adaptation.probe_interval
         if adaptation.probing:
@@ -350,11 +356,8 @@ class BiLD:
             paid = checked > 0 and accepted == checked
             adaptation.probe_interval = next_probe_interval(adaptation.probe_interval, paid, shortest, longest)
         adaptation.passes_alone = 0
-        adaptation.cap = next_draft_cap(adaptation.cap, checked, accepted, config.max_small_steps)
-        rejected = run.draft_confidences[accepted] if accepted < checked else None
-        adaptation.fallback_threshold = next_fallback_threshold(
-            adaptation.fallback_threshold, adaptation.fallback_floor, rejected, checked > 0 and accepted == checked
-        )
+        adaptation.cap = next_draft_cap(adaptation.cap, checked, accepted, config.max_small_steps,
+                                        adaptation.shortest_cap)
 
     def _large_pass(self, run: _Run, config: BiLDConfig, large: Decoder, small: Decoder, generators: _Generators,
                     finished: bool) -> int:
@@ -364,32 +367,46 @@ class BiLD:
         run.policy_passes += 1
         return self._verify(run, config, large, small, generators, finished)
 
-    def measure_costs(self, prompt_ids: list[int], longest: int, repeats: int = 5) -> DraftCosts:
-        """Median time of a small step, of a large pass over one token and over ``longest + 1`` tokens, after the
-        prompt's prefill and one untimed round (lazily prepared kernels prepare then). Throwaway caches."""
+    def measure_costs(self, prompt_ids: list[int], longest: int, repeats: int = 3) -> DraftCosts:
+        """Median time (of ``repeats``, after one untimed round in which lazily prepared kernels prepare) of a draft
+        step as the loop takes it (a small-model step, its confidence and its pick) and of a large pass over 1, 2,
+        3, 4, 6, 8, ... and ``longest + 1`` tokens (the widths between interpolated), after the prompt's prefill.
+        Throwaway caches."""
         decoders: dict[str, Decoder] = {}
         small = self._decoder("small", decoders, prompt_ids)
         large = self._decoder("large", decoders, prompt_ids)
         tokens = self._start_tokens(prompt_ids)
         small.forward(tokens, keep=1)
         large.forward(tokens, keep=1)
-        base, filler = len(tokens), tokens[-1]
+        base, filler, greedy = len(tokens), tokens[-1], SamplingConfig()
 
-        def seconds(decoder: Decoder, width: int) -> float:
-            before = decoder.time_s
-            decoder.forward(tokens[:base] + [filler] * width, keep=width)
-            decoder.crop(base)
-            return decoder.time_s - before
+        def draft_step() -> float:
+            start = time.perf_counter()
+            logits = small.forward(tokens[:base] + [filler], keep=1)[-1]  # (vocab,)
+            top_probability(logits, greedy)
+            pick(logits, greedy, None)
+            small.crop(base)
+            return time.perf_counter() - start
 
-        samples: dict[str, list[float]] = {"small": [], "one": [], "wide": []}
+        def large_pass(width: int) -> float:
+            before = large.time_s
+            large.forward(tokens[:base] + [filler] * width, keep=width)
+            large.crop(base)
+            return large.time_s - before
+
+        widths = sorted({w for w in MEASURED_WIDTHS if w <= longest} | {longest + 1})
+        samples: dict[int, list[float]] = {width: [] for width in [0, *widths]}  # 0: the draft step
         for round_index in range(repeats + 1):
-            timed = {"small": seconds(small, 1), "one": seconds(large, 1), "wide": seconds(large, longest + 1)}
+            timed = {0: draft_step(), **{width: large_pass(width) for width in widths}}
             if round_index:  # the first round is the warm-up
-                for name, value in timed.items():
-                    samples[name].append(value)
-        small_s, one_s, wide_s = (statistics.median(samples[name]) for name in ("small", "one", "wide"))
+                for width, value in timed.items():
+                    samples[width].append(value)
+        medians = {width: statistics.median(values) for width, values in samples.items()}
+        table = numpy.interp(range(1, longest + 2), widths, [medians[width] for width in widths])
+        one_s, wide_s = medians[1], medians[longest + 1]
         per_token = max(0.0, (wide_s - one_s) / longest) if longest else 0.0
-        costs = DraftCosts(small_step=small_s, large_base=one_s, large_per_token=per_token)
+        costs = DraftCosts(small_step=medians[0], large_base=one_s, large_per_token=per_token,
+                           large_passes=tuple(float(seconds) for seconds in table))
         logger.info("adaptive policy: measured %s", costs)
         return costs
 

@@ -110,11 +110,20 @@ class DraftCosts:
 
     small_step: float  # one single-token step of the small model
     large_base: float  # a large pass over one token
-    large_per_token: float  # what each further token adds to a large pass
+    large_per_token: float  # what each further token adds to a large pass, on average
+    # a large pass over 1, 2, ... tokens, where measured: on a CPU the cost is far from linear in the width (a pass
+    # over a few tokens can cost less than a one-token step); wider passes take large_base and large_per_token
+    large_passes: tuple[float, ...] = ()
+
+    def large_pass(self, width: int) -> float:
+        """A large pass over ``width`` tokens."""
+        if 0 < width <= len(self.large_passes):
+            return self.large_passes[width - 1]
+        return self.large_base + (width - 1) * self.large_per_token
 
     def round_time(self, draft_length: int) -> float:
         """One round: ``draft_length`` small steps, then one large pass over the drafts and one more position."""
-        return draft_length * (self.small_step + self.large_per_token) + self.large_base
+        return draft_length * self.small_step + self.large_pass(draft_length + 1)
 
 
 def estimated_rate(successes: float, failures: float, prior: float, weight: float) -> float:
@@ -141,9 +150,11 @@ def expected_round_tokens(acceptance: float, confidence: float, cap: int) -> flo
 
 def expected_round_time(confidence: float, cap: int, costs: DraftCosts) -> float:
     """What such a round is expected to cost: small step i (i = 1..cap) runs when steps 1..i-1 drafted; an unsure
-    step drafts nothing (the fallback drops its token) and ends the round; the large pass checks every draft."""
+    step drafts nothing (the fallback drops its token) and ends the round; the large pass checks every draft (d
+    drafts, d < cap, with probability confidence^d (1 - confidence); all ``cap`` with probability confidence^cap)."""
     steps = sum(confidence**i for i in range(cap))
-    return steps * costs.small_step + costs.large_base + steps * confidence * costs.large_per_token
+    large = sum(confidence**d * (1.0 - confidence) * costs.large_pass(d + 1) for d in range(cap))
+    return steps * costs.small_step + large + confidence**cap * costs.large_pass(cap + 1)
 
 
 def best_draft_cap(acceptance: float, confidence: float, costs: DraftCosts, longest: int) -> int:
@@ -164,31 +175,26 @@ def break_even_confidence(costs: DraftCosts) -> float:
     return min(1.0, (costs.small_step + costs.large_per_token) / costs.large_base)
 
 
-def next_draft_cap(cap: int, checked: int, accepted: int, longest: int) -> int:
-    """The cap on the next draft: doubled after a draft the large model accepted whole, halved after a rollback.
+def cheapest_check(costs: DraftCosts, longest: int) -> int:
+    """The draft length in [1, ``longest``] whose check is cheapest: the smallest k with the least large pass over
+    k + 1 tokens (1 where the pass cost grows with its width; on a CPU a pass over 4-6 tokens can cost less than over
+    1 or 2)."""
+    return max(1, min(range(longest + 1), key=lambda draft_length: costs.large_pass(draft_length + 1)))
+
+
+def next_draft_cap(cap: int, checked: int, accepted: int, longest: int, shortest: int = 1) -> int:
+    """The cap on the next draft: doubled after a draft the large model accepted whole, halved after a rollback, but
+    not below ``shortest`` (:func:`cheapest_check`) unless it already was.
 
     Doubling up and halving down (within [1, longest]): a run of good drafts reaches N in a few rounds, one bad draft
-    costs at most half the cap's work in the next round.
+    costs at most half the cap's work in the next round. Below the cheapest check, a shorter draft costs more large
+    time, not less.
     """
     if checked and accepted == checked:
         return min(longest, cap * 2)
     if accepted < checked:
-        return max(1, cap // 2)
+        return max(min(shortest, cap), cap // 2)
     return cap
-
-
-def next_fallback_threshold(threshold: float, floor: float, rejected_confidence: float | None,
-                            all_accepted: bool, step: float = 0.02, ceiling: float = 0.95) -> float:
-    """alpha_FB one ``step`` higher after a rejected draft the small model was at least that confident about (at most
-    ``ceiling``), one step lower after a draft accepted whole (never below the configured ``floor``).
-
-    rejected_confidence: the small model's top-1 probability for the rejected draft; None when none was rejected.
-    """
-    if rejected_confidence is not None and rejected_confidence >= threshold:
-        return min(ceiling, max(threshold, threshold + step))
-    if all_accepted:
-        return max(floor, threshold - step)
-    return threshold
 
 
 def next_probe_interval(interval: int, probe_accepted: bool, shortest: int, longest: int) -> int:
