@@ -314,9 +314,9 @@ class BiLD:
         threshold = config.fallback_threshold
         if config.rollback_threshold == 0:
             threshold = min(threshold, break_even_confidence(self.costs))
-        return _Adaptation(cap=max(1, config.max_small_steps // 4),
-                           shortest_cap=cheapest_check(self.costs, config.max_small_steps), fallback_threshold=threshold,
-                           probe_interval=shortest)
+        longest = config.max_small_steps
+        return _Adaptation(cap=max(1, longest // 4), shortest_cap=cheapest_check(self.costs, longest),
+                           fallback_threshold=threshold, probe_interval=shortest)
 
     def _plan_round(self, run: _Run, config: BiLDConfig, adaptation: _Adaptation | None) -> None:
         """Set the next round's draft cap and alpha_FB: under the adaptive policy, the cap (up to the one the
