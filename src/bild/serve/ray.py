@@ -59,8 +59,9 @@ class Scaling:
     target_ongoing: float = 2.0  # autoscaling target of ongoing requests per replica
     num_cpus: float = 1.0  # per replica
     num_gpus: float = 0.0  # per replica
-    max_queued: int = 64  # requests Ray holds in front of busy replicas before it answers 429 (a burst counts in full
-    # until Ray has handed its requests to replicas)
+    # requests Ray holds in front of busy replicas before it answers 429; a burst counts in full until Ray has handed
+    # its requests to replicas, so this must cover the largest burst, not only what the replicas leave over
+    max_queued: int = 64
     retry_after_s: float = 5.0  # the Retry-After of Ray's 429
 
     def __post_init__(self) -> None:
