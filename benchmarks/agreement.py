@@ -15,11 +15,10 @@ perfect lossless policy would reach).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from adaptive import teacher_forced_agreement
 from common import (
-    BenchmarkError, base_parser, main_guard, provenance, result_path, settings_of, write_result,
+    BenchmarkError, base_parser, load_candidate, main_guard, provenance, result_path, settings_of, write_result,
 )
 
 QUESTION = "agreement"
@@ -27,15 +26,10 @@ QUESTION = "agreement"
 
 def load_drafters(large, names: list[str], candidates: list[str]) -> dict:
     """label -> drafter: built-in names (as the engine loads them) and ``DIR:variant`` weights from `bild little`."""
-    from bild.drafters.little import load_little
     from bild.models import load_model
 
     drafters = {name: load_model(name, large=large) for name in names}
-    for candidate in candidates:
-        folder, _, variant = candidate.rpartition(":")
-        if not folder or not (Path(folder) / f"{variant}.safetensors").is_file():
-            raise BenchmarkError(f"--candidate takes DIR:variant with DIR/variant.safetensors, got {candidate!r}")
-        drafters[candidate] = load_little(variant, large, Path(folder))
+    drafters.update({candidate: load_candidate(candidate, large) for candidate in candidates})
     return drafters
 
 

@@ -176,6 +176,17 @@ def write_result(path: Path, question: str, stamp: dict, settings: dict, results
     return path
 
 
+def load_candidate(spec: str, large, int8_layers: bool = False):
+    """A little model from ``DIR:variant`` (weights written by `bild little --out DIR`), on top of ``large``, drafting
+    as the shipped ones do (int8 head; ``int8_layers``: int8 decoder layers too, as ``smollm2-little-int8``)."""
+    from bild.drafters.little import load_little
+
+    folder, _, variant = spec.rpartition(":")
+    if not folder or not (Path(folder) / f"{variant}.safetensors").is_file():
+        raise BenchmarkError(f"--candidate takes DIR:variant with DIR/variant.safetensors, got {spec!r}")
+    return load_little(variant, large, Path(folder), int8_layers=int8_layers)
+
+
 def spread(values: Iterable[float]) -> dict:
     """Median with min and max, and every value (one per repeat)."""
     values = [float(value) for value in values]

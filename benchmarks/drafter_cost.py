@@ -8,6 +8,7 @@ and every drafter interleaved in each repeat after a warm-up; reported as the me
 and as a share of the large model's step in the same repeat.
 
     python benchmarks/drafter_cost.py --repeats 5 --threads 2
+    python benchmarks/drafter_cost.py --candidate /tmp/little:aligned    # `bild little --out` weights beside them
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from common import (
-    REPO, BenchmarkError, relative, base_parser, check_arguments, main_guard, provenance, result_path, run_repeats,
+    REPO, BenchmarkError, relative, base_parser, check_arguments, load_candidate, main_guard, provenance, result_path, run_repeats,
     settings_of, spread, write_result,
 )
 
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", type=Path, default=CALIBRATION, help="(default: %(default)s)")
     parser.add_argument("--heldout-limit", type=int, help="use the first N held-out records (default: all)")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per drafter and repeat (default: %(default)s)")
+    parser.add_argument("--candidate", action="append", default=[], metavar="DIR:VARIANT",
+                        help="weights written by `bild little --out DIR`, measured in both drafting forms (repeatable)")
     args = parser.parse_args(argv)
     check_arguments(args)
     config = LittleConfig()
@@ -83,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
 
     large = load_model(DEFAULT_LARGE)
     drafters = {label: load_drafter(name, int8, large) for label, (name, int8) in DRAFTERS.items()}
+    for candidate in args.candidate:  # as smollm2-little-int8 and as smollm2-little draft
+        drafters[f"{candidate} (int8 layers)"] = load_candidate(candidate, large, int8_layers=True)
+        drafters[candidate] = load_candidate(candidate, large)
     agreements = {}
     for label, drafter in drafters.items():
         agreements[label] = agreement(drafter, heldout, config.train)
@@ -102,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "drafters": {
             label: {
                 "agreement": agreements[label],
-                "int8_head": DRAFTERS[label][1],
+                "int8_head": DRAFTERS[label][1] if label in DRAFTERS else True,
                 "step_ms": spread(run[label] for run in runs),
                 "cost_ratio": spread(run[label] / run["large"] for run in runs),
             }
