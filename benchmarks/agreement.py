@@ -18,7 +18,8 @@ import sys
 
 from adaptive import teacher_forced_agreement
 from common import (
-    BenchmarkError, base_parser, load_candidate, main_guard, provenance, result_path, settings_of, write_result,
+    BenchmarkError, base_parser, candidate_weights, load_candidate, main_guard, provenance, result_path, settings_of,
+    write_result,
 )
 
 QUESTION = "agreement"
@@ -78,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     drafters = load_drafters(large, [name for name in args.drafters.split(",") if name], args.candidate)
     engine = BiLD(ModelPair(large=large, small=None))
     config = BiLDConfig(max_new_tokens=args.max_new_tokens)
-    results = {"max_new_tokens": args.max_new_tokens, "datasets": {}}
+    results = {"max_new_tokens": args.max_new_tokens, "candidate_weights_sha256": candidate_weights(args.candidate),
+               "datasets": {}}
     for name in [name for name in args.datasets.split(",") if name]:
         dataset = load_dataset(name, per_kind=args.per_kind if name == "mixed" else None,
                                limit=None if name == "mixed" else args.limit)

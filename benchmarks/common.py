@@ -181,10 +181,21 @@ def load_candidate(spec: str, large, int8_layers: bool = False):
     as the shipped ones do (int8 head; ``int8_layers``: int8 decoder layers too, as ``smollm2-little-int8``)."""
     from bild.drafters.little import load_little
 
+    folder, variant = _candidate_path(spec).parent, spec.rpartition(":")[2]
+    return load_little(variant, large, folder, int8_layers=int8_layers)
+
+
+def candidate_weights(specs: Iterable[str]) -> dict[str, str]:
+    """sha256 of each ``DIR:variant`` candidate's weights file, by spec (the stamp covers only shipped weights)."""
+    return {spec: sha256(_candidate_path(spec)) for spec in specs}
+
+
+def _candidate_path(spec: str) -> Path:
     folder, _, variant = spec.rpartition(":")
-    if not folder or not (Path(folder) / f"{variant}.safetensors").is_file():
+    path = Path(folder) / f"{variant}.safetensors"
+    if not folder or not path.is_file():
         raise BenchmarkError(f"--candidate takes DIR:variant with DIR/variant.safetensors, got {spec!r}")
-    return load_little(variant, large, Path(folder), int8_layers=int8_layers)
+    return path
 
 
 def spread(values: Iterable[float]) -> dict:

@@ -19,8 +19,8 @@ import tempfile
 from pathlib import Path
 
 from common import (
-    REPO, BenchmarkError, relative, base_parser, check_arguments, load_candidate, main_guard, provenance, result_path, run_repeats,
-    settings_of, spread, write_result,
+    REPO, BenchmarkError, relative, base_parser, check_arguments, candidate_weights, load_candidate, main_guard,
+    provenance, result_path, run_repeats, settings_of, spread, write_result,
 )
 
 QUESTION = "drafter-cost"
@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": relative(args.calibration),
         "repeats": args.repeats,
         "large": DEFAULT_LARGE,
+        "candidate_weights_sha256": candidate_weights(args.candidate),
         "large_step_ms": spread(run["large"] for run in runs),
         "drafters": {
             label: {

@@ -96,6 +96,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         "distil_trial.py: error: --steps, --batch-size and --threads must be at least 1")
     assert not out.exists()
+    with pytest.raises(common.BenchmarkError, match="--candidate takes DIR:variant"):
+        common.load_candidate(f"{tmp_path}:aligned", large=None)  # no aligned.safetensors there
 
 
 # ---- a script end to end, then the table -----------------------------------------------------------------------
