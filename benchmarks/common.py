@@ -8,12 +8,14 @@ overwritten: a script refuses to run when its file already exists.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
 import platform
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -28,6 +30,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "benchmarks" / "results"
+LITTLE_BUILD = REPO / "build" / "little"  # where `make little` unpacks the calibration data
 MIN_REPEATS = 3
 LOAD_NOTE = ("the whole machine's 1/5/15-minute load averages and CPU pressure (the share of the last 10/60/300 s in "
              "which some runnable task waited for a CPU) at the start and end of the run; the machine is shared, so a "
@@ -183,6 +186,19 @@ def load_candidate(spec: str, large, int8_layers: bool = False):
 
     folder, variant = _candidate_path(spec).parent, spec.rpartition(":")[2]
     return load_little(variant, large, folder, int8_layers=int8_layers)
+
+
+def calibration_file(name: str) -> Path:
+    """build/little/<name>, unpacked from data/little-<name>.gz when `make little` has not done it yet."""
+    path = LITTLE_BUILD / name
+    if not path.is_file():
+        packed = REPO / "data" / f"little-{name}.gz"
+        if not packed.is_file():
+            raise BenchmarkError(f"neither {path} nor {packed} exists")
+        LITTLE_BUILD.mkdir(parents=True, exist_ok=True)
+        with gzip.open(packed, "rb") as source, path.open("wb") as sink:
+            shutil.copyfileobj(source, sink)
+    return path
 
 
 def candidate_weights(specs: Iterable[str]) -> dict[str, str]:

@@ -24,32 +24,14 @@ the teacher pass of the raw and ref mixes).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import random
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from common import REPO, BenchmarkError, main_guard
-
-BUILD = REPO / "build" / "little"
-
-
-def calibration_file(name: str) -> Path:
-    """build/little/<name>, unpacked from data/<little-...>.gz when `make little` has not done it yet."""
-    path = BUILD / name
-    if not path.is_file():
-        packed = REPO / "data" / f"little-{name}.gz"
-        if not packed.is_file():
-            raise BenchmarkError(f"neither {path} nor {packed} exists")
-        BUILD.mkdir(parents=True, exist_ok=True)
-        with gzip.open(packed, "rb") as source, path.open("wb") as sink:
-            shutil.copyfileobj(source, sink)
-    return path
-
+from common import BenchmarkError, calibration_file, main_guard
 
 def distillation_half(large, mix: str, count: int, config) -> list:
     from bild.train.align import distillation_records, encode_prompt, teacher_forced_records

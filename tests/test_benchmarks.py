@@ -24,6 +24,7 @@ import common  # noqa: E402
 import distil_trial  # noqa: E402
 import paper_table  # noqa: E402
 import results_table  # noqa: E402
+import vocab_trial  # noqa: E402
 
 README = "# project\n\nintro\n\n<!-- results:start -->\nold table\n<!-- results:end -->\n\nafter\n"
 
@@ -98,6 +99,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert not out.exists()
     with pytest.raises(common.BenchmarkError, match="--candidate takes DIR:variant"):
         common.load_candidate(f"{tmp_path}:aligned", large=None)  # no aligned.safetensors there
+    for sizes, weights, error in (("8192,x", None, "--sizes takes comma-separated integers, got '8192,x'"),
+                                  ("-1", None, "a draft vocabulary size is positive, or 0 for the whole vocabulary"),
+                                  ("0", tmp_path, f"{tmp_path} has no aligned.safetensors and aligned.json")):
+        argv = ["--sizes", sizes, "--out", str(out)] + (["--weights", str(weights)] if weights else [])
+        assert common.main_guard(vocab_trial.main, argv) == 2
+        assert capsys.readouterr().err.strip() == f"vocab_trial.py: error: {error}"
+    assert not out.exists()
 
 
 # ---- a script end to end, then the table -----------------------------------------------------------------------
