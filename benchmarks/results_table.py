@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from common import REPO, RESULTS_DIR, BenchmarkError, main_guard
+from common import REPO, RESULTS_DIR, BenchmarkError, drafter_weights, main_guard
 
 BENCHMARKS = REPO / "benchmarks"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -129,10 +129,23 @@ def stamp_line(data: dict, source: Path, base: Path, dated: bool = True) -> str:
     minutes = f", {stamp['wall_time_s'] / 60:.0f} min" if stamp.get("wall_time_s") else ""
     versions = (f"torch {stamp['versions']['torch']}, transformers {stamp['versions']['transformers']}, "
                 f"torch threads {stamp['torch_threads']} on {stamp['cpu_count']} CPUs")
+    weights = other_weights(stamp)
     if not dated:
-        return f"File {link(source.name, source, base)}: `{stamp['command']}`; commit {commit}, {versions}."
+        return f"File {link(source.name, source, base)}: `{stamp['command']}`; commit {commit}, {versions}.{weights}"
     return (f"File {link(source.name, source, base)}: `{stamp['command']}`; commit {commit}, {stamp['date_utc']}, "
-            f"{versions}; 1-minute load average of the shared machine {start} at start{during}, {end} at end{minutes}.")
+            f"{versions}; 1-minute load average of the shared machine {start} at start{during}, {end} at end{minutes}."
+            f"{weights}")
+
+
+def other_weights(stamp: dict) -> str:
+    """A warning when a file was measured with drafter weights other than the shipped ones (by sha256), else ''."""
+    shipped = drafter_weights()
+    measured = stamp.get("drafter_weights_sha256") or {}
+    differ = sorted(name for name, digest in measured.items() if name in shipped and shipped[name] != digest)
+    if not differ:
+        return ""
+    files = ", ".join(f"`{name}` {measured[name][:8]}" for name in differ)
+    return f" **Measured with drafter weights other than the shipped ones:** {files}."
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -167,6 +167,21 @@ def test_results_table_writes_results_md_and_the_readme_block(tiny_run, tmp_path
     assert results_table.main(argv) == 0 and readme.read_text() == text  # regenerating changes nothing
 
 
+def test_a_result_measured_with_other_drafter_weights_says_so(tmp_path):
+    results = tmp_path / "results"
+    path = fake_result(results, 1.5, "2026-01-01T00:00:00Z")
+    argv = ["--results-dir", str(results), "--out", str(tmp_path / "R.md"), "--no-readme",
+            "--cited", str(tmp_path / "none.json")]
+    assert results_table.main(argv) == 0
+    assert "other than the shipped ones" not in (tmp_path / "R.md").read_text()
+    data = json.loads(path.read_text())
+    data["provenance"]["drafter_weights_sha256"]["aligned.safetensors"] = "0123456789abcdef" * 4
+    path.write_text(json.dumps(data))
+    assert results_table.main(argv) == 0
+    assert ("**Measured with drafter weights other than the shipped ones:** `aligned.safetensors` 01234567."
+            in (tmp_path / "R.md").read_text())
+
+
 def test_readme_without_markers_is_left_alone(tmp_path, capsys):
     results = tmp_path / "results"
     fake_result(results, 1.5, "2026-01-01T00:00:00Z")
