@@ -201,6 +201,21 @@ def calibration_file(name: str) -> Path:
     return path
 
 
+def aligned_records(config) -> tuple[list, list]:
+    """(the records the recipe trains the aligned little model on, the held-out broad records): the training and
+    held-out splits of the calibration data, as ``bild.train.little.build_default_little`` makes them for
+    ``config`` (a LittleConfig); records without output dropped."""
+    from bild.train.align import read_calibration
+    from bild.train.little import split_by_index
+
+    if config.package_prompts:
+        raise BenchmarkError("the trials read the stdlib and broad calibration data only, not package prompts")
+    stdlib = [r for r in read_calibration(calibration_file("calibration.jsonl")) if r.output_ids]
+    broad = [r for r in read_calibration(calibration_file("calibration-broad.jsonl")) if r.output_ids]
+    broad_train, broad_heldout = split_by_index(broad, config.heldout_every, config.broad_prompts)
+    return split_by_index(stdlib, config.heldout_every)[0] + broad_train, broad_heldout
+
+
 def candidate_weights(specs: Iterable[str]) -> dict[str, str]:
     """sha256 of each ``DIR:variant`` candidate's weights file, by spec (the stamp covers only shipped weights)."""
     return {spec: sha256(_candidate_path(spec)) for spec in specs}

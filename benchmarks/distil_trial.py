@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from common import BenchmarkError, calibration_file, main_guard
+from common import BenchmarkError, aligned_records, main_guard
+
 
 def distillation_half(large, mix: str, count: int, config) -> list:
     from bild.train.align import distillation_records, encode_prompt, teacher_forced_records
@@ -57,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bild.drafters.little import DRAFT_VOCAB_KEY, WEIGHTS_DIR, build_little, save_little
     from bild.models import DEFAULT_LARGE, load_model
-    from bild.train.align import agreement, finetune, read_calibration
-    from bild.train.little import LittleConfig, split_by_index
+    from bild.train.align import agreement, finetune
+    from bild.train.little import LittleConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mix", choices=("control", "raw", "ref"), required=True)
@@ -76,11 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     config = LittleConfig()
     train = replace(config.train, learning_rate=args.learning_rate, kl_weight=args.kl_weight)
     large = load_model(DEFAULT_LARGE, device="cpu")
-    stdlib = [r for r in read_calibration(calibration_file("calibration.jsonl")) if r.output_ids]
-    broad = [r for r in read_calibration(calibration_file("calibration-broad.jsonl")) if r.output_ids]
-    stdlib_train, _ = split_by_index(stdlib, config.heldout_every)
-    broad_train, broad_heldout = split_by_index(broad, config.heldout_every, config.broad_prompts)
-    pool = stdlib_train + broad_train
+    pool, broad_heldout = aligned_records(config)
     random.Random(0).shuffle(pool)
     records = args.steps * args.batch_size
     if args.mix == "control":

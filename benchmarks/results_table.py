@@ -12,6 +12,7 @@ links to the result file it comes from.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -138,14 +139,20 @@ def stamp_line(data: dict, source: Path, base: Path, dated: bool = True) -> str:
 
 
 def other_weights(stamp: dict) -> str:
-    """A warning when a file was measured with drafter weights other than the shipped ones (by sha256), else ''."""
-    shipped = drafter_weights()
+    """A warning when a file was measured with earlier shipped drafter weights than the ones shipped now (the
+    stamp's sha256 of ``src/bild/weights``; a ``--candidate`` is stamped apart and not compared), else ''."""
+    shipped = shipped_weights()
     measured = stamp.get("drafter_weights_sha256") or {}
     differ = sorted(name for name, digest in measured.items() if name in shipped and shipped[name] != digest)
     if not differ:
         return ""
     files = ", ".join(f"`{name}` {measured[name][:8]}" for name in differ)
-    return f" **Measured with drafter weights other than the shipped ones:** {files}."
+    return f" **Measured with earlier drafter weights, not the ones shipped now:** {files}."
+
+
+@functools.cache
+def shipped_weights() -> dict[str, str]:
+    return drafter_weights()
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -24,16 +24,16 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from common import BenchmarkError, calibration_file, main_guard
+from common import BenchmarkError, aligned_records, main_guard
 
 
 def main(argv: list[str] | None = None) -> int:
+    import torch
     from safetensors.torch import load_file, save_file
 
     from bild.drafters.little import DRAFT_VOCAB_KEY, WEIGHTS_DIR
     from bild.models import DEFAULT_LARGE, load_model
-    from bild.train.align import read_calibration
-    from bild.train.little import LittleConfig, split_by_index, training_draft_vocabulary
+    from bild.train.little import LittleConfig, training_draft_vocabulary
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", required=True, help="comma-separated draft vocabulary sizes; 0: the whole vocabulary")
@@ -45,27 +45,29 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [int(size) for size in args.sizes.split(",")]
     except ValueError:
         raise BenchmarkError(f"--sizes takes comma-separated integers, got {args.sizes!r}") from None
-    if any(size < 0 for size in sizes):
-        raise BenchmarkError("a draft vocabulary size is positive, or 0 for the whole vocabulary")
+    for size in sizes:
+        if size < 0:
+            raise BenchmarkError(f"--sizes: {size} is not a draft vocabulary size (a positive number of tokens, or 0 "
+                                 "for the whole vocabulary)")
     weights, meta = args.weights / "aligned.safetensors", args.weights / "aligned.json"
-    if not weights.is_file() or not meta.is_file():
-        raise BenchmarkError(f"{args.weights} has no aligned.safetensors and aligned.json")
+    for path in (weights, meta):
+        if not path.is_file():
+            raise BenchmarkError(f"{path} does not exist (--weights takes a directory of little-model weights)")
 
     config = LittleConfig()
     large = load_model(DEFAULT_LARGE, device="cpu")
-    stdlib = [r for r in read_calibration(calibration_file("calibration.jsonl")) if r.output_ids]
-    broad = [r for r in read_calibration(calibration_file("calibration-broad.jsonl")) if r.output_ids]
-    records = (split_by_index(stdlib, config.heldout_every)[0]
-               + split_by_index(broad, config.heldout_every, config.broad_prompts)[0])  # the aligned variant's
+    records, _ = aligned_records(config)
     stored = load_file(weights)
     shipped = stored.pop(DRAFT_VOCAB_KEY, None)
     for size in sizes:
         tensors = dict(stored)
         if size:
             vocab = training_draft_vocabulary(large, records, replace(config, draft_vocab_size=size))
-            tensors[DRAFT_VOCAB_KEY] = vocab.to(shipped.dtype if shipped is not None else vocab.dtype).contiguous()
+            tensors[DRAFT_VOCAB_KEY] = vocab.to(torch.int32).contiguous()  # as save_little stores it
             same = shipped is not None and vocab.equal(shipped.long())
             note = f"{len(vocab)} tokens" + (" (the stored vocabulary)" if same else "")
+            if len(vocab) < size:
+                note += " (every token of the training records)"
         else:
             note = "the whole vocabulary"
         out = args.out / f"v{size}"

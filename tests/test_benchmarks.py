@@ -99,9 +99,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert not out.exists()
     with pytest.raises(common.BenchmarkError, match="--candidate takes DIR:variant"):
         common.load_candidate(f"{tmp_path}:aligned", large=None)  # no aligned.safetensors there
-    for sizes, weights, error in (("8192,x", None, "--sizes takes comma-separated integers, got '8192,x'"),
-                                  ("-1", None, "a draft vocabulary size is positive, or 0 for the whole vocabulary"),
-                                  ("0", tmp_path, f"{tmp_path} has no aligned.safetensors and aligned.json")):
+    for sizes, weights, error in (
+            ("8192,x", None, "--sizes takes comma-separated integers, got '8192,x'"),
+            ("8192,-1", None, "--sizes: -1 is not a draft vocabulary size (a positive number of tokens, or 0 for the "
+                              "whole vocabulary)"),
+            ("0", tmp_path, f"{tmp_path / 'aligned.safetensors'} does not exist (--weights takes a directory of "
+                            "little-model weights)")):
         argv = ["--sizes", sizes, "--out", str(out)] + (["--weights", str(weights)] if weights else [])
         assert common.main_guard(vocab_trial.main, argv) == 2
         assert capsys.readouterr().err.strip() == f"vocab_trial.py: error: {error}"
@@ -167,18 +170,18 @@ def test_results_table_writes_results_md_and_the_readme_block(tiny_run, tmp_path
     assert results_table.main(argv) == 0 and readme.read_text() == text  # regenerating changes nothing
 
 
-def test_a_result_measured_with_other_drafter_weights_says_so(tmp_path):
+def test_a_result_measured_with_earlier_drafter_weights_says_so(tmp_path):
     results = tmp_path / "results"
     path = fake_result(results, 1.5, "2026-01-01T00:00:00Z")
     argv = ["--results-dir", str(results), "--out", str(tmp_path / "R.md"), "--no-readme",
             "--cited", str(tmp_path / "none.json")]
     assert results_table.main(argv) == 0
-    assert "other than the shipped ones" not in (tmp_path / "R.md").read_text()
+    assert "earlier drafter weights" not in (tmp_path / "R.md").read_text()
     data = json.loads(path.read_text())
     data["provenance"]["drafter_weights_sha256"]["aligned.safetensors"] = "0123456789abcdef" * 4
     path.write_text(json.dumps(data))
     assert results_table.main(argv) == 0
-    assert ("**Measured with drafter weights other than the shipped ones:** `aligned.safetensors` 01234567."
+    assert ("**Measured with earlier drafter weights, not the ones shipped now:** `aligned.safetensors` 01234567."
             in (tmp_path / "R.md").read_text())
 
 
