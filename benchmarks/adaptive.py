@@ -44,18 +44,35 @@ QUESTION = "adaptive"
 METHODS = "vanilla,bild,bild-fixed,bild-lossless,bild-lossless-fixed,hf-assisted"
 
 
-def perfect_policy_cost(agrees: list[bool], costs, longest: int) -> float:
+def perfect_policy_cost(agrees: list[bool], costs, longest: int, free: list[bool] | None = None) -> float:
     """Decode cost of the output under a perfect lossless policy: each round drafts the run of tokens the large model
     will accept (at most ``longest``) and one large pass checks them and adds the next token; where the small model
-    would be wrong at once, the large model steps alone. The first token comes from the prefill."""
+    would be wrong at once, the large model steps alone. The first token comes from the prefill. free: per token,
+    a lookup draft would propose it (then the perfect policy takes it without a small step)."""
+    free = free or [False] * len(agrees)
     cost, position = 0.0, 1
     while position < len(agrees):
         run = 0
-        while run < longest and position + run < len(agrees) and agrees[position + run]:
+        while run < longest and position + run < len(agrees) and (agrees[position + run] or free[position + run]):
             run += 1
-        cost += costs.round_time(run) if run else costs.large_base
+        small_steps = sum(not free[position + index] for index in range(run))
+        cost += small_steps * costs.small_step + costs.large_pass(run + 1)
         position += run + 1
     return cost
+
+
+def lookup_hits(prompt_ids: list[int], output_ids: list[int], n: int) -> list[bool]:
+    """Per output token: would a lookup draft (bild.policies.lookup_draft over the prompt and the output before it)
+    propose it?"""
+    from bild.policies import index_ngrams, lookup_draft
+
+    index: dict = {}
+    tokens, hits = list(prompt_ids), []
+    for token in output_ids:
+        index_ngrams(index, tokens, len(hits) + len(prompt_ids) - 1 if hits else 0, len(tokens), n)
+        hits.append(lookup_draft(tokens, index, n) == token)
+        tokens.append(token)
+    return hits
 
 
 @torch.inference_mode()
@@ -88,38 +105,58 @@ def teacher_forced_trace(small, large, prompt_ids: list[int], output_ids: list[i
     return Trace((top.cpu() == torch.tensor(output_ids)).tolist(), confidence.tolist(), nll)
 
 
-def replay_cost(engine, config, trace: Trace) -> float:
+def replay_cost(engine, config, trace: Trace, prompt_ids: list[int] = (), output_ids: list[int] = ()) -> float:
     """Decode cost of the output under ``config``'s policy, replayed round by round through the engine's own policy
     code (module docstring); ``engine.costs`` must be set. The first round's large pass is the prefill, which the
-    large model alone pays as well: left out, as in :func:`perfect_policy_cost`."""
+    large model alone pays as well: left out, as in :func:`perfect_policy_cost`. Lookup drafts (config.lookup_ngram;
+    none without ``output_ids``) come from the engine's lookup code over the prompt, the output so far and the
+    round's drafts; they are accepted when they are the output's token and cost no small step."""
     from bild.decoding import _Run
-    from bild.policies import should_fall_back
+    from bild.policies import index_ngrams, lookup_draft, should_fall_back
 
     run = _Run(tokens=[], output_start=0, checked=0)
     adaptation = engine._start_adaptation(config, []) if config.policy == "adaptive" else None
-    cost, position, length = -engine.costs.large_base, 0, len(trace.agrees)
+    lookup = config.lookup_ngram if output_ids else 0
+    index: dict = {}
+    indexed, cost, position, length = 0, -engine.costs.large_base, 0, len(trace.agrees)
     while position < length:
         engine._plan_round(run, config, adaptation)
-        drafts = dropped = 0
-        while drafts < run.draft_cap and position + drafts < length:
-            confidence = trace.confidence[position + drafts]
-            if should_fall_back(confidence, drafts, run.fallback_threshold, run.draft_cap):
+        tokens = list(prompt_ids) + list(output_ids[:position])
+        if lookup:
+            index_ngrams(index, tokens, indexed, len(tokens), lookup)
+            indexed = len(tokens)
+        by_small: list[bool] = []  # per draft of the round: from the small model (else from lookup)
+        good: list[bool] = []  # ... and would the large model keep it
+        dropped = 0
+        while len(good) < config.max_small_steps and position + len(good) < length:
+            target = position + len(good)
+            proposal = lookup_draft(tokens, index, lookup) if lookup else None
+            if proposal is not None:
+                by_small.append(False)
+                good.append(proposal == output_ids[target])
+                tokens.append(proposal)
+                continue
+            small_drafts = sum(by_small)
+            if small_drafts >= run.draft_cap or not all(by_small):  # no small drafts after lookup drafts
+                break
+            if should_fall_back(trace.confidence[target], small_drafts, run.fallback_threshold, run.draft_cap):
                 dropped = 1
                 break
-            drafts += 1
-        accepted = 0
-        while accepted < drafts and (trace.agrees[position + accepted]
-                                     or trace.nll[position + accepted] <= config.rollback_threshold):
-            accepted += 1
-        cost += engine.costs.round_time(drafts) + dropped * engine.costs.small_step
+            by_small.append(True)
+            good.append(trace.agrees[target] or trace.nll[target] <= config.rollback_threshold)
+            tokens.append(output_ids[target] if output_ids and trace.agrees[target] else -1)  # -1: some other token
+        accepted = good.index(False) if False in good else len(good)
+        cost += sum(by_small) * engine.costs.small_step + engine.costs.large_pass(len(good) + 1)
+        cost += dropped * engine.costs.small_step
         if adaptation is not None:
-            engine._adapt(run, config, adaptation, drafts, accepted, dropped)
+            engine._learn(run, config, adaptation, by_small, accepted, dropped)
         position += accepted + 1
     return cost
 
 
 REPLAYED = {"bild": {}, "bild-fixed": {"policy": "fixed"}, "bild-lossless": {"rollback_threshold": 0.0},
-            "bild-lossless-fixed": {"rollback_threshold": 0.0, "policy": "fixed"}}
+            "bild-lossless-fixed": {"rollback_threshold": 0.0, "policy": "fixed"},
+            "bild-no-lookup": {"lookup": 0}, "bild-lossless-no-lookup": {"rollback_threshold": 0.0, "lookup": 0}}
 
 
 def ceiling(context, dataset) -> dict:
@@ -138,8 +175,11 @@ def ceiling(context, dataset) -> dict:
         row = {"agree": sum(trace.agrees[1:]), "tokens": len(output) - 1,
                "vanilla": (len(output) - 1) * costs.large_base,
                "perfect": perfect_policy_cost(trace.agrees, costs, config.max_small_steps)}
+        if config.lookup_ngram:
+            hits = lookup_hits(prompt_ids, output, config.lookup_ngram)
+            row["perfect-lookup"] = perfect_policy_cost(trace.agrees, costs, config.max_small_steps, hits)
         for name, change in REPLAYED.items():
-            row[name] = replay_cost(engine, replace(config, **change), trace)
+            row[name] = replay_cost(engine, replace(config, **change), trace, prompt_ids, output)
         for kind in (example.kind or "all", "overall"):
             total = totals.setdefault(kind, dict.fromkeys(row, 0.0))
             for key, value in row.items():
@@ -150,6 +190,8 @@ def ceiling(context, dataset) -> dict:
                      "large_passes": [seconds * 1e3 for seconds in costs.large_passes]},
         "kinds": {kind: {"agreement": row["agree"] / row["tokens"] if row["tokens"] else None,
                          "perfect_lossless_speedup": row["vanilla"] / row["perfect"] if row["perfect"] else None,
+                         "perfect_lossless_speedup_with_lookup": (row["vanilla"] / row["perfect-lookup"]
+                                                                  if row.get("perfect-lookup") else None),
                          "replayed_speedup": {name: row["vanilla"] / row[name] if row[name] else None
                                               for name in REPLAYED}}
                   for kind, row in totals.items()},

@@ -270,6 +270,9 @@ def add_method_arguments(parser: argparse.ArgumentParser, methods: str) -> None:
     parser.add_argument("--max-small-steps", type=int, default=10, help="N (default: %(default)s)")
     parser.add_argument("--repeat-ngram", type=int, default=BiLDConfig().repeat_ngram,
                         help="bild's repetition guard (not in the paper); 0 = off (default: %(default)s)")
+    parser.add_argument("--lookup", type=int, default=None,
+                        help="bild's lookup drafting n-gram (not in the paper); 0 = off (default: bild's own, which "
+                             "is 2 under the adaptive policy, off under fixed)")
 
 
 def chosen_methods(args: argparse.Namespace):
@@ -283,7 +286,7 @@ def chosen_methods(args: argparse.Namespace):
         raise BenchmarkError(f"unknown method {', '.join(unknown)}; choose from {', '.join(method_names())}")
     config = BiLDConfig(fallback_threshold=args.fallback_threshold, rollback_threshold=args.rollback_threshold,
                         max_small_steps=args.max_small_steps, max_new_tokens=args.max_new_tokens,
-                        repeat_ngram=args.repeat_ngram)
+                        repeat_ngram=args.repeat_ngram, lookup=args.lookup)
     return names, config
 
 

@@ -142,7 +142,8 @@ def wasted_small_steps(stats) -> int:
 @pytest.mark.parametrize("rollback_threshold", [0.0, 5.0])
 def test_a_small_model_that_never_agrees_is_soon_left_out(rollback_threshold):
     engine = BiLD(random_small_pair())
-    config = BiLDConfig(fallback_threshold=0.0, rollback_threshold=rollback_threshold, max_new_tokens=200)
+    # the small model's drafting alone: lookup drafts (cost no small step) would add tokens per large pass
+    config = BiLDConfig(fallback_threshold=0.0, rollback_threshold=rollback_threshold, max_new_tokens=200, lookup=0)
     for seed in range(3):
         ids = prompt_ids(seed, 8)
         adaptive = engine.generate_ids(ids, config).stats
@@ -158,7 +159,8 @@ def test_a_small_model_that_never_agrees_is_soon_left_out(rollback_threshold):
 def test_a_small_model_equal_to_the_large_one_drafts_long_runs():
     engine = BiLD(make_pair("llama", same=True))
     for seed in range(3):
-        stats = engine.generate_ids(prompt_ids(seed, 6), BiLDConfig(fallback_threshold=0.0, max_new_tokens=120)).stats
+        config = BiLDConfig(fallback_threshold=0.0, max_new_tokens=120, lookup=0)  # the small model's runs alone
+        stats = engine.generate_ids(prompt_ids(seed, 6), config).stats
         assert stats.rollbacks == 0 and stats.tokens_discarded == 0
         assert stats.tokens_per_large_pass >= 7.0, stats  # N = 10: every draft accepted, the cap grows 2 -> 4 -> 8 -> 10
         assert stats.mean_draft_cap >= 7.0, stats

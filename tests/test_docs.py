@@ -323,20 +323,23 @@ def test_statistics_add_up_as_the_glossary_says(family, monkeypatch):
     watch_large_passes(monkeypatch, lambda run, large, small, rolled_back: small_decoders.append(small))
     engine = BiLD(make_pair(family, with_eos=True, noise=0.3))
     settings = itertools.product([0.0, 0.5, 1.0], [0.0, 2.0, float("inf")], [0.0, 1.0])
-    seen = {"rollbacks": 0, "fallbacks": 0, "small_tokens_kept": 0, "tokens_discarded": 0}
+    seen = {"rollbacks": 0, "fallbacks": 0, "small_tokens_kept": 0, "tokens_discarded": 0, "lookup_tokens_drafted": 0}
     for index, (fallback, rollback, temperature) in enumerate(settings):
         n, repeat = (1, 0) if index % 2 else (4, 2)  # N and the repetition guard alternate, to keep the grid small
         sampling = SamplingConfig(temperature=temperature, seed=0)
+        lookup = 1 if index % 3 == 0 else None  # lookup drafts on single tokens fire often, even without repeats
         config = BiLDConfig(fallback_threshold=fallback, rollback_threshold=rollback, max_small_steps=n,
-                            max_new_tokens=16, repeat_ngram=repeat, sampling=sampling)
+                            max_new_tokens=16, repeat_ngram=repeat, lookup=lookup, sampling=sampling)
         small_decoders.clear()
         result = engine.generate_ids(prompt_ids(3, 6), config)
         s = result.stats
         assert small_decoders[-1].calls == s.small_tokens_drafted + s.fallbacks, config  # the small model's steps
         assert s.new_tokens == s.small_tokens_kept + s.large_tokens == len(result.token_ids), config
         assert s.small_tokens_drafted == s.small_tokens_kept + s.tokens_discarded, config
-        assert s.large_passes - 1 <= s.large_tokens <= s.large_passes, config
-        assert s.fallbacks <= s.large_passes and s.rollbacks <= min(s.large_passes, s.tokens_discarded), config
+        assert s.large_passes - 1 <= s.large_tokens - s.lookup_tokens_kept <= s.large_passes, config
+        assert s.lookup_tokens_kept <= s.lookup_tokens_drafted, config
+        thrown = s.tokens_discarded + s.lookup_tokens_drafted - s.lookup_tokens_kept
+        assert s.fallbacks <= s.large_passes and s.rollbacks <= min(s.large_passes, thrown), config
         assert s.small_time_s + s.large_time_s <= s.wall_time_s, config
         for key in seen:
             seen[key] += getattr(s, key)

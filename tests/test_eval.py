@@ -220,11 +220,13 @@ def test_summary_json_shape(tmp_path):
 
 @pytest.mark.parametrize("family", ["llama", "t5"])
 def test_lossless_methods_give_the_vanilla_output(family):
-    """hf-assisted (exact-match verification), speculative and bild-lossless (alpha_RB = 0) are lossless by construction."""
+    """hf-assisted and hf-prompt-lookup (exact-match verification), speculative and bild-lossless (alpha_RB = 0) are
+    lossless by construction."""
     pair = make_pair(family, with_eos=False)  # no EOS: every example runs the full length through many rounds
     config = BiLDConfig(max_new_tokens=12, fallback_threshold=0.5, rollback_threshold=2.0)
-    result = evaluate(pair, tiny_dataset(3), ["hf-assisted", "speculative", "bild-lossless", "vanilla-loop"], config, warmup=0)
-    for name in ("hf-assisted", "speculative", "bild-lossless", "vanilla-loop"):
+    lossless = ["hf-assisted", "hf-prompt-lookup", "speculative", "bild-lossless", "bild-lossless-no-lookup", "vanilla-loop"]
+    result = evaluate(pair, tiny_dataset(3), lossless, config, warmup=0)
+    for name in lossless:
         assert result.summaries[name].exact_match == 1.0, name
         assert result.summaries[name].new_tokens == 3 * 12
     assert result.summaries["speculative"].fallback_rate == 0.0  # a fixed window: only N triggers the large pass

@@ -30,6 +30,9 @@ class SamplingConfig:
         return self.temperature == 0
 
 
+DEFAULT_LOOKUP = 2  # the n-gram length of lookup drafting under the adaptive policy
+
+
 @dataclass(frozen=True)
 class BiLDConfig:
     """The BiLD policies (Algorithm 1 of the paper) and the generation limits."""
@@ -47,6 +50,12 @@ class BiLDConfig:
     # again now and then. "fixed" is Algorithm 1 as published.
     # Either way the large model checks every kept draft by the same rule: alpha_RB = 0 stays exact.
     policy: Literal["adaptive", "fixed"] = "adaptive"
+    # not in the paper: lookup drafting. Before each small step, look the sequence's last `lookup` tokens up in the
+    # prompt and the output so far; where they occurred before, draft the token that followed them there, without a
+    # small-model step (summaries, answers from a passage and rewrites copy their prompt; small models repeat
+    # themselves). Lookup drafts are always checked as if alpha_RB were 0, so they never change the output, only how
+    # many tokens a large pass accepts. None: 2 under the adaptive policy, 0 (off) under the fixed one.
+    lookup: int | None = None
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self) -> None:
@@ -69,8 +78,18 @@ class BiLDConfig:
             raise ValueError(f"repeat_ngram must be an integer >= 0 (0 = no repetition guard), got {self.repeat_ngram!r}")
         if self.policy not in ("adaptive", "fixed"):
             raise ValueError(f"policy must be 'adaptive' or 'fixed', got {self.policy!r}")
+        if self.lookup is not None and not (isinstance(self.lookup, int) and not isinstance(self.lookup, bool)
+                                            and self.lookup >= 0):
+            raise ValueError(f"lookup must be an integer >= 0 (0 = no lookup drafts) or None, got {self.lookup!r}")
         if not isinstance(self.sampling, SamplingConfig):
             raise ValueError(f"sampling must be a SamplingConfig, got {type(self.sampling).__name__}")
+
+    @property
+    def lookup_ngram(self) -> int:
+        """The n-gram length lookup drafting matches (0: off), with None resolved by the policy."""
+        if self.lookup is not None:
+            return self.lookup
+        return DEFAULT_LOOKUP if self.policy == "adaptive" else 0
 
 
 FinishReason = Literal["stop", "length"]
@@ -82,7 +101,8 @@ class GenerationStats:
 
     new_tokens: int  # tokens in the final output
     small_tokens_kept: int  # output tokens written by the small model
-    large_tokens: int  # output tokens written by the large model (appended or rollback replacements)
+    large_tokens: int  # output tokens the large model wrote (appended, rollback replacements) or confirmed as its own
+    # pick (lookup drafts, which are checked as at alpha_RB = 0)
     small_tokens_drafted: int  # every token the small model appended, kept or later discarded
     tokens_discarded: int  # small-model tokens thrown away by rollbacks
     large_passes: int  # non-autoregressive large-model calls (the prefill pass included)
@@ -94,6 +114,8 @@ class GenerationStats:
     small_time_s: float  # time inside the small model's forward passes
     large_time_s: float  # time inside the large model's forward passes
     wall_time_s: float  # total time of the request, prompt encoding and overhead included
+    lookup_tokens_kept: int = 0  # output tokens drafted by lookup (BiLDConfig.lookup), not by either model
+    lookup_tokens_drafted: int = 0  # every lookup draft, kept or later discarded
 
     @property
     def tokens_per_large_pass(self) -> float:
@@ -113,7 +135,7 @@ class GenerationResult:
 
 # ---- settings files (`bild tune` writes them; `--config FILE` reads them) ----------------------------------------
 SETTINGS_MODELS = ("large", "small")  # which pair the settings were tuned for
-SETTINGS_DECODING = ("fallback_threshold", "rollback_threshold", "max_small_steps", "repeat_ngram", "policy")
+SETTINGS_DECODING = ("fallback_threshold", "rollback_threshold", "max_small_steps", "repeat_ngram", "policy", "lookup")
 SETTINGS_NOTES = ("tuned",)  # what `bild tune` measured: kept in the file for people, ignored when reading
 
 

@@ -33,6 +33,8 @@ from bild.policies import (
     cheapest_check,
     find_rollback,
     estimated_rate,
+    index_ngrams,
+    lookup_draft,
     next_draft_cap,
     next_probe_interval,
     ngram_ending_at,
@@ -64,7 +66,12 @@ class _Run:
     checked: int  # tokens[:checked] are final
     small_run: int = 0  # small tokens appended since the last large pass
     written_by_small: set[int] = field(default_factory=set)  # positions in tokens holding kept small tokens
+    looked_up: set[int] = field(default_factory=set)  # ... and holding lookup drafts (checked or not)
     small_drafted: int = 0
+    lookup_drafted: int = 0
+    round_lookups: int = 0  # lookup drafts among the small_run unchecked drafts
+    lookup_index: dict[tuple[int, ...], list[int]] = field(default_factory=dict)  # lookup drafting: n-grams of ...
+    indexed: int = 0  # ... tokens[:indexed], a final prefix
     discarded: int = 0
     fallbacks: int = 0
     rollbacks: int = 0
@@ -276,31 +283,51 @@ class BiLD:
         small = self._decoder("small", decoders, prompt_ids)
         large = self._decoder("large", decoders, prompt_ids)
         adaptation = self._start_adaptation(config, prompt_ids) if config.policy == "adaptive" else None
+        lookup = config.lookup_ngram
         self._plan_round(run, config, adaptation)
         while True:
             finished = self._finished(run, config)
             if finished and run.small_run == 0:
                 return
             dropped = 0
-            if not finished and run.small_run < run.draft_cap:
+            room = not finished and run.small_run < config.max_small_steps
+            if room and lookup and (token := self._look_up(run, lookup)) is not None:
+                self._draft(run, token, by_small=False)  # no model step: at most N drafts in a round, any cap
+                continue
+            # after lookup drafts, the large model checks them first: small drafts behind a wrong one would be lost
+            small_drafts = run.small_run - run.round_lookups
+            if room and small_drafts < run.draft_cap and not run.round_lookups:
                 small_logits = small.forward(run.tokens, keep=1)[-1]  # (vocab,)
                 confidence = top_probability(small_logits, config.sampling)
-                if not should_fall_back(confidence, run.small_run, run.fallback_threshold, run.draft_cap):
+                if not should_fall_back(confidence, small_drafts, run.fallback_threshold, run.draft_cap):
                     self._draft(run, pick(small_logits, config.sampling, generators.on(small_logits.device)))
                     continue
                 run.fallbacks += 1  # the small token is dropped
                 dropped = 1
-            checked, accepted = run.small_run, self._large_pass(run, config, large, small, generators, finished)
+            first_draft = len(run.tokens) - run.small_run
+            by_small = [position not in run.looked_up for position in range(first_draft, len(run.tokens))]
+            accepted = self._large_pass(run, config, large, small, generators, finished)
             if adaptation is not None:
-                self._adapt(run, config, adaptation, checked, accepted, dropped)
+                self._learn(run, config, adaptation, by_small, accepted, dropped)
             self._plan_round(run, config, adaptation)
             yield
 
-    def _draft(self, run: _Run, token: int) -> None:
-        run.written_by_small.add(len(run.tokens))
+    def _draft(self, run: _Run, token: int, by_small: bool = True) -> None:
+        (run.written_by_small if by_small else run.looked_up).add(len(run.tokens))
         run.tokens.append(token)
         run.small_run += 1
-        run.small_drafted += 1
+        if by_small:
+            run.small_drafted += 1
+        else:
+            run.lookup_drafted += 1
+            run.round_lookups += 1
+
+    @staticmethod
+    def _look_up(run: _Run, n: int) -> int | None:
+        """The lookup draft after ``run.tokens`` (BiLDConfig.lookup), matched against the final prefix."""
+        index_ngrams(run.lookup_index, run.tokens, run.indexed, run.checked, n)
+        run.indexed = max(run.indexed, run.checked)
+        return lookup_draft(run.tokens, run.lookup_index, n)
 
     # ---- the adaptive policy (BiLDConfig.policy == "adaptive") ---------------------------------------------
     def _start_adaptation(self, config: BiLDConfig, prompt_ids: list[int]) -> _Adaptation:
@@ -358,6 +385,16 @@ class BiLD:
         adaptation.passes_alone = 0
         adaptation.cap = next_draft_cap(adaptation.cap, checked, accepted, config.max_small_steps,
                                         adaptation.shortest_cap)
+
+    def _learn(self, run: _Run, config: BiLDConfig, adaptation: _Adaptation, by_small: list[bool], accepted: int,
+               dropped: int) -> None:
+        """_adapt from the small model's drafts alone (lookup drafts cost no small step, the cap is not theirs):
+        by_small[i] says whether draft i of the round came from the small model; the first ``accepted`` stayed."""
+        if run.draft_cap and not any(by_small) and not dropped:
+            return  # lookup drafts filled the round: nothing learnt about the small model (a probe stays due)
+        judged = by_small[: accepted + 1]  # the first rejected draft was judged too, the ones after it were not
+        self._adapt(run, config, adaptation, sum(judged), sum(by_small[:accepted]),
+                    dropped if accepted == len(by_small) else 0)
 
     def _large_pass(self, run: _Run, config: BiLDConfig, large: Decoder, small: Decoder, generators: _Generators,
                     finished: bool) -> int:
@@ -422,16 +459,22 @@ class BiLD:
         draft_rows = large_logits[:-1]  # (small_run, vocab)
         drafts = torch.tensor(run.tokens[first_draft:], dtype=torch.long, device=draft_rows.device)  # (small_run,)
         strict = None
+        flags = [False] * run.small_run
         if config.repeat_ngram:  # drafts that repeat an n-gram of the output are checked as if alpha_RB were 0
             flags = self._repeats(run, first_draft, config.repeat_ngram)
+        if run.round_lookups:  # ... and so are lookup drafts
+            flags = [flag or first_draft + index in run.looked_up for index, flag in enumerate(flags)]
+        if any(flags):
             strict = torch.tensor(flags, dtype=torch.bool, device=draft_rows.device)
         generator = generators.on(large_logits.device)
         rollback = find_rollback(draft_rows, drafts, config.rollback_threshold, config.sampling, generator, strict)
         accepted = run.small_run if rollback is None else rollback.index
         if rollback is not None:
             position = first_draft + rollback.index
-            run.discarded += len(run.tokens) - position
-            run.written_by_small -= set(range(position, len(run.tokens)))
+            thrown = set(range(position, len(run.tokens)))
+            run.discarded += len(thrown & run.written_by_small)
+            run.written_by_small -= thrown
+            run.looked_up -= thrown
             del run.tokens[position:]
             run.tokens.append(rollback.replacement)
             large.crop(position)
@@ -439,7 +482,7 @@ class BiLD:
             run.rollbacks += 1
         elif not finished:
             run.tokens.append(pick(large_logits[-1], config.sampling, generator))
-        run.small_run = 0
+        run.small_run = run.round_lookups = 0
         run.checked = len(run.tokens)
         return accepted
 
@@ -488,6 +531,8 @@ def _stats(run: _Run, decoders: dict[str, Decoder], start: float) -> GenerationS
         small_time_s=small.time_s if small else 0.0,
         large_time_s=large.time_s if large else 0.0,
         wall_time_s=time.perf_counter() - start,
+        lookup_tokens_kept=len(run.looked_up),
+        lookup_tokens_drafted=run.lookup_drafted,
     )
 
 

@@ -201,3 +201,39 @@ def next_probe_interval(interval: int, probe_accepted: bool, shortest: int, long
     """How many large-only passes to wait before drafting again when drafting does not pay: doubled after a probe
     that was rejected, reset after one that was accepted."""
     return shortest if probe_accepted else min(longest, interval * 2)
+
+
+# ---------------------------------------------------------------------------------------------------- lookup drafts
+
+
+def index_ngrams(index: dict[tuple[int, ...], list[int]], tokens: Sequence[int], start: int, stop: int, n: int) -> None:
+    """Add to ``index`` each position p in [start, stop) under the n tokens before it: gram -> [p, ...], the
+    positions whose token followed that n-gram, in increasing order. In place: the loop indexes its final prefix,
+    which only grows, a little more after every large pass."""
+    for position in range(max(start, n), stop):
+        index.setdefault(tuple(tokens[position - n : position]), []).append(position)
+
+
+def lookup_draft(tokens: Sequence[int], index: dict[tuple[int, ...], list[int]], n: int, longest: int = 8,
+                 tries: int = 16) -> int | None:
+    """Lookup drafting (not in the paper; prompt lookup decoding, extended to the output): the token that followed
+    an earlier occurrence of the sequence's last ``n`` tokens, or None when they never occurred in the indexed part.
+
+    index: from :func:`index_ngrams` with the same ``n``. Of the latest ``tries`` occurrences, the one whose match
+    reaches furthest back (up to ``longest`` tokens) wins, the latest among equals. Summaries, answers from a passage
+    and rewrites copy spans of their prompt, and small models' greedy outputs repeat themselves: there the next token
+    is often simply the one that came next before, and proposing it costs no model step.
+    """
+    if len(tokens) < n:
+        return None
+    positions = index.get(tuple(tokens[len(tokens) - n :]))
+    if not positions:
+        return None
+    best, best_length = None, -1
+    for position in reversed(positions[-tries:]):
+        length = n
+        while length < longest and length < position and tokens[position - length - 1] == tokens[-length - 1]:
+            length += 1
+        if length > best_length:
+            best, best_length = position, length
+    return tokens[best]

@@ -66,7 +66,8 @@ def apply_settings_file(subcommand: argparse.ArgumentParser, path: Path) -> None
         settings = read_settings(path)
     except SettingsError as error:
         raise UsageError(str(error)) from None
-    subcommand.set_defaults(**{key: value for key, value in settings.items() if subcommand.get_default(key) is not None})
+    flags = {action.dest for action in subcommand._actions}
+    subcommand.set_defaults(**{key: value for key, value in settings.items() if key in flags})
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +82,8 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", choices=["adaptive", "fixed"], default=defaults.policy,
                         help="adaptive: learn per request how long to draft, stop drafting where it does not pay; "
                              "fixed: Algorithm 1 as published (default: %(default)s)")
+    parser.add_argument("--lookup", type=int, default=defaults.lookup, metavar="N",
+                        help="lookup drafting (not in the paper): draft the token that followed the last N tokens where they occurred before in the prompt or output, checked as at alpha_RB = 0; 0 = off (default: 2 under the adaptive policy, off under fixed)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
@@ -97,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> BiLDConfig:
             max_new_tokens=args.max_new_tokens,
             repeat_ngram=args.repeat_ngram,
             policy=args.policy,
+            lookup=args.lookup,
             sampling=sampling,
         )
     except ValueError as error:

@@ -62,6 +62,8 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
     bild.add_argument("--policy", choices=["adaptive", "fixed"], default=BiLDConfig().policy,
                       help="drafting policy of the bild methods; bild-fixed and bild-lossless-fixed always use fixed "
                            "(default: %(default)s)")
+    bild.add_argument("--lookup", type=int, default=None, metavar="N",
+                      help="lookup drafting (not in the paper): draft the token that followed the last N tokens where they occurred before in the prompt or output, checked as at alpha_RB = 0; 0 = off (default: 2 under the adaptive policy, off under fixed)")
     add_config_argument(bild)
     output = parser.add_argument_group("output")
     output.add_argument("--json-out", type=Path, help="write the summary JSON here")
@@ -109,7 +111,7 @@ def _load_inputs(args: argparse.Namespace, config_overrides: dict):
 
     set_threads(args.threads)
     config = BiLDConfig(max_small_steps=args.max_small_steps, max_new_tokens=args.max_new_tokens,
-                        repeat_ngram=args.repeat_ngram, policy=args.policy, **config_overrides)
+                        repeat_ngram=args.repeat_ngram, policy=args.policy, lookup=args.lookup, **config_overrides)
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     template = args.prompt_template.replace("\\n", "\n") if args.prompt_template else None  # a typed \n is a newline

@@ -91,13 +91,16 @@ def _lookup(name: str) -> tuple[MethodFactory, bool, str]:
 
 
 # ---- transformers generate -------------------------------------------------------------------------------------
-def _hf_generate(large: LoadedModel, request: Request, max_new_tokens: int, assistant: LoadedModel | None) -> MethodOutput:
-    """Greedy `model.generate` on the large model, with `assistant_model` (its default settings) when given."""
+def _hf_generate(large: LoadedModel, request: Request, max_new_tokens: int, assistant: LoadedModel | None,
+                 **extra) -> MethodOutput:
+    """Greedy `model.generate` on the large model, with `assistant_model` (its default settings) when given, and any
+    ``extra`` generate arguments."""
     tokenizer = large.tokenizer
     eos = list(large.eos_token_ids) or None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad)
-    extra = {"assistant_model": assistant.model} if assistant is not None else {}
+    if assistant is not None:
+        extra["assistant_model"] = assistant.model
     start = time.perf_counter()
     input_ids = torch.tensor([request.prompt_ids], device=input_device(large.model))  # (1, prompt_len)
     with torch.inference_mode():
@@ -118,6 +121,12 @@ def _vanilla(context: MethodContext) -> Method:
 @register_method("hf-assisted", needs_small=True, description="transformers assisted generation, assistant_model=small, defaults")
 def _hf_assisted(context: MethodContext) -> Method:
     return lambda request: _hf_generate(context.pair.large, request, context.config.max_new_tokens, context.pair.small)
+
+
+@register_method("hf-prompt-lookup", needs_small=False, description="transformers prompt lookup decoding (prompt_lookup_num_tokens=10), no small model")
+def _hf_prompt_lookup(context: MethodContext) -> Method:
+    return lambda request: _hf_generate(context.pair.large, request, context.config.max_new_tokens, None,
+                                        prompt_lookup_num_tokens=10)
 
 
 # ---- the bild engine -------------------------------------------------------------------------------------------
@@ -157,6 +166,16 @@ def _bild_lossless(context: MethodContext) -> Method:
 @register_method("bild-fixed", needs_small=True, description="BiLD with the given thresholds, Algorithm 1 as published (policy fixed)")
 def _bild_fixed(context: MethodContext) -> Method:
     return bild_method(context, policy="fixed")
+
+
+@register_method("bild-no-lookup", needs_small=True, description="BiLD without lookup drafts (lookup 0)")
+def _bild_no_lookup(context: MethodContext) -> Method:
+    return bild_method(context, lookup=0)
+
+
+@register_method("bild-lossless-no-lookup", needs_small=True, description="bild-lossless without lookup drafts")
+def _bild_lossless_no_lookup(context: MethodContext) -> Method:
+    return bild_method(context, rollback_threshold=0.0, lookup=0)
 
 
 @register_method("bild-lossless-fixed", needs_small=True, description="bild-lossless under the fixed policy")

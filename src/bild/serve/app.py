@@ -361,6 +361,7 @@ def _request_config(server: _Server, params: GenerationParams, prompt_tokens: in
             max_small_steps=pick(params.max_small_steps, defaults.max_small_steps),
             repeat_ngram=pick(params.repeat_ngram, defaults.repeat_ngram),
             policy=pick(params.policy, defaults.policy),
+            lookup=pick(params.lookup, defaults.lookup),
             max_new_tokens=max_new_tokens,
             sampling=sampling,
         )
@@ -406,6 +407,7 @@ class _Answer:
             "max_small_steps": self.config.max_small_steps,
             "repeat_ngram": self.config.repeat_ngram,
             "policy": self.config.policy,
+            "lookup": self.config.lookup_ngram,
             "max_new_tokens": self.config.max_new_tokens,
             "temperature": self.config.sampling.temperature,
             "top_p": self.config.sampling.top_p,

@@ -73,6 +73,7 @@ class GenerationParams(_Strict):
     max_small_steps: Annotated[int, Field(ge=1, le=1024)] | None = None  # N
     repeat_ngram: Annotated[int, Field(ge=0, le=1024)] | None = None  # repetition guard, 0 = off (not in the paper)
     policy: Literal["adaptive", "fixed"] | None = None  # drafting policy (adaptive is not in the paper)
+    lookup: Annotated[int, Field(ge=0, le=1024)] | None = None  # lookup drafting n-gram, 0 = off (not in the paper)
 
     @field_validator(*_NO_OP_VALUES)
     @classmethod
