@@ -166,6 +166,7 @@ def test_a_write_failing_after_the_run_keeps_the_results(command, tmp_path, save
         (["align", "--small", "s", "--inputs", "{dir}", "--out", "{out}"], "is a directory; give a JSONL or text file"),
         (["little", "--epochs", "0"], "--epochs must be > 0"),
         (["serve", "--max-prompt-tokens", "0"], "--max-prompt-tokens must be >= 1"),
+        (["generate", "a prompt", "--lookup", "-1"], "lookup must be an integer >= 0"),
         (["serve", "--shutdown-timeout", "-1"], "--shutdown-timeout must be >= 0"),
         (["early-exit", "cost", "--steps", "0"], "--steps and --rounds must be >= 1"),
         (["early-exit", "agreement", "--calibration", "{dir}"], "--calibration .* is a directory"),

@@ -195,7 +195,7 @@ def test_streamed_text_equals_the_non_streamed_text(client, sampling):
 
 def test_extra_body_bild_settings(server, client, engine):
     """alpha_RB = 0 makes greedy BiLD lossless: the server then returns the large model's own greedy text."""
-    extra = {"fallback_threshold": 0.9, "rollback_threshold": 0.0, "max_small_steps": 3, "repeat_ngram": 4}
+    extra = {"fallback_threshold": 0.9, "rollback_threshold": 0.0, "max_small_steps": 3, "repeat_ngram": 4, "lookup": 1}
     response = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=12, extra_body=extra)
     assert response.model_extra["bild"]["config"] | extra == response.model_extra["bild"]["config"]
     assert response.choices[0].text == engine.vanilla(PROMPT, config(), chat=False).text
@@ -351,7 +351,8 @@ def test_metrics(server, client):
     text = httpx.get(server.url + "/metrics").text
     for name in (
         "bild_requests_total", "bild_generated_tokens_total", "bild_large_passes_total", "bild_fallbacks_total",
-        "bild_rollbacks_total", "bild_small_tokens_kept_total", "bild_request_latency_seconds_bucket",
+        "bild_rollbacks_total", "bild_small_tokens_kept_total", "bild_lookup_tokens_kept_total",
+        "bild_request_latency_seconds_bucket",
         "bild_time_to_first_token_seconds_bucket",
     ):
         assert name in text, name
@@ -382,6 +383,7 @@ _FIELDS = {
     "rollback_threshold": st.floats(-1, math.inf) | _JSON,
     "max_small_steps": st.integers(-3, 2000) | _JSON,
     "repeat_ngram": st.integers(-3, 2000) | _JSON,
+    "lookup": st.integers(-3, 2000) | _JSON,
     "n": st.integers(0, 3) | _JSON,
 }
 _BODIES = st.fixed_dictionaries({}, optional=_FIELDS) | st.dictionaries(st.text(max_size=10), _JSON, max_size=4) | _JSON

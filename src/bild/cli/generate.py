@@ -224,7 +224,8 @@ def _print_stream(chunks) -> GenerationResult:
 
 def _summary(result: GenerationResult) -> str:
     s = result.stats
-    return (f"{s.new_tokens} tokens: {s.small_tokens_kept} from the small model, {s.large_tokens} from the large; "
+    lookup = f" ({s.lookup_tokens_kept} of them lookup drafts it kept)" if s.lookup_tokens_kept else ""
+    return (f"{s.new_tokens} tokens: {s.small_tokens_kept} from the small model, {s.large_tokens} from the large{lookup}; "
             f"{s.large_passes} large passes, {s.fallbacks} fallbacks, {s.rollbacks} rollbacks "
             f"({s.tokens_discarded} tokens discarded)")
 
@@ -259,6 +260,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     if total_bild:
         per_token = _per_token_speedup(total_bild, tokens_bild, total_vanilla, tokens_vanilla)
         guard = f", repeat guard {config.repeat_ngram}" if config.repeat_ngram else ""
+        guard += f", lookup {config.lookup_ngram}" if config.lookup_ngram else ""
         print(f"\noverall, this run, at fallback {config.fallback_threshold}, rollback {config.rollback_threshold}, "
               f"N {config.max_small_steps}{guard}: "
               f"{total_vanilla / total_bild:.2f}x the speed of the large model alone (sum of its times / sum of BiLD's), "

@@ -92,15 +92,15 @@ def _lookup(name: str) -> tuple[MethodFactory, bool, str]:
 
 # ---- transformers generate -------------------------------------------------------------------------------------
 def _hf_generate(large: LoadedModel, request: Request, max_new_tokens: int, assistant: LoadedModel | None,
-                 **extra) -> MethodOutput:
+                 **settings) -> MethodOutput:
     """Greedy `model.generate` on the large model, with `assistant_model` (its default settings) when given, and any
-    ``extra`` generate arguments."""
+    further generation ``settings``."""
     tokenizer = large.tokenizer
     eos = list(large.eos_token_ids) or None
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad)
-    if assistant is not None:
-        extra["assistant_model"] = assistant.model
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, eos_token_id=eos,
+                              pad_token_id=pad, **settings)
+    extra = {"assistant_model": assistant.model} if assistant is not None else {}
     start = time.perf_counter()
     input_ids = torch.tensor([request.prompt_ids], device=input_device(large.model))  # (1, prompt_len)
     with torch.inference_mode():

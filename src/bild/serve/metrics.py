@@ -20,6 +20,8 @@ class ServerMetrics:
         self.rollbacks = Counter("bild_rollbacks", "small-model tokens replaced by the large model", registry=r)
         self.small_tokens_kept = Counter("bild_small_tokens_kept", "output tokens written by the small model", registry=r)
         self.large_tokens = Counter("bild_large_tokens", "output tokens written by the large model", registry=r)
+        self.lookup_tokens_kept = Counter("bild_lookup_tokens_kept", "large-model output tokens that lookup drafted",
+                                          registry=r)
         self.latency = Histogram(
             "bild_request_latency_seconds", "time from request to the last byte of the answer", ["route"],
             buckets=_LATENCY_BUCKETS, registry=r,
@@ -39,6 +41,7 @@ class ServerMetrics:
         self.rollbacks.inc(stats.rollbacks)
         self.small_tokens_kept.inc(stats.small_tokens_kept)
         self.large_tokens.inc(stats.large_tokens)
+        self.lookup_tokens_kept.inc(stats.lookup_tokens_kept)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
