@@ -19,8 +19,8 @@ from common import (
 )
 
 QUESTION = "paper-table"
-PAPER_METHODS = ("vanilla,bild,bild-fixed,bild-lossless,bild-lossless-fixed,hf-assisted,speculative,small,"
-                 "bild-no-rollback,bild-no-fallback")
+PAPER_METHODS = ("vanilla,bild,bild-fixed,bild-lossless,bild-lossless-fixed,hf-assisted,hf-prompt-lookup,speculative,"
+                 "small,bild-no-rollback,bild-no-fallback")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ QUESTIONS = {
 }
 # method -> its label; {fb} {rb} {n} {window} are the run's alpha_FB, alpha_RB, N and speculative draft window
 HEADLINE_METHODS = {  # question -> the methods in the headline table (a regular expression on their names)
-    "paper-table": r"vanilla|bild|bild-fixed|bild-lossless|bild-lossless-fixed|hf-assisted|speculative",
+    "paper-table": r"vanilla|bild|bild-fixed|bild-lossless|bild-lossless-fixed|hf-assisted|hf-prompt-lookup|speculative",
     "lossless": r"bild-lossless .+",  # the paper's-thresholds run already has the baseline and the others
 }
 METHOD_LABELS = {
@@ -46,6 +46,9 @@ METHOD_LABELS = {
     "bild-fixed": "BiLD, fixed policy (alpha_FB {fb} / alpha_RB {rb} / N {n})",
     "bild-lossless-fixed": "BiLD lossless, fixed policy (alpha_FB {fb} / alpha_RB 0 / N {n})",
     "hf-assisted": "transformers assisted generation (same small model)",
+    "hf-prompt-lookup": "transformers prompt lookup decoding (no small model)",
+    "bild-no-lookup": "BiLD without lookup drafts (alpha_FB {fb} / alpha_RB {rb} / N {n})",
+    "bild-lossless-no-lookup": "BiLD lossless without lookup drafts (alpha_FB {fb} / alpha_RB 0 / N {n})",
     "speculative": "speculative decoding (window {window}, exact-match check)",
     "small": "small model alone",
     "bild-no-rollback": "BiLD without rollback (alpha_FB {fb} / alpha_RB inf / N {n}, no repetition guard)",
