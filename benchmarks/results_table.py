@@ -200,11 +200,22 @@ def headline(chosen: dict, base: Path) -> list[str]:
                          number(method["rougeL"], source, base, 1), number(method["exact_match"], source, base),
                          number(method["tokens_per_large_pass"], source, base), script])
         policy = results["config"].get("policy", "fixed")  # runs made before the adaptive policy used Algorithm 1
-        notes.append(f"{QUESTIONS[question][0]}: {harness_setting(results, data)}, BiLD's {policy} policy. "
+        lookup = lookup_ngram(results["config"])
+        drafts = f" with lookup drafts on {lookup}-grams" if lookup else ""
+        notes.append(f"{QUESTIONS[question][0]}: {harness_setting(results, data)}, BiLD's {policy} policy{drafts}. "
                      + stamp_line(data, source, base, dated=False))
     if not rows:
         return ["No results yet: run `python benchmarks/paper_table.py` (see benchmarks/README.md)."]
     return table(header, rows) + [""] + [f"- {note}" for note in notes]
+
+
+def lookup_ngram(config: dict) -> int:
+    """The lookup drafts' n-gram length a result's BiLD config ran with (0: none, as in runs made before them)."""
+    from bild.config import BiLDConfig
+
+    if "lookup" not in config:
+        return 0
+    return BiLDConfig(policy=config.get("policy", "fixed"), lookup=config["lookup"]).lookup_ngram
 
 
 # ---- one section per question ----------------------------------------------------------------------------------
