@@ -69,7 +69,7 @@ def lookup_hits(prompt_ids: list[int], output_ids: list[int], n: int) -> list[bo
     index: dict = {}
     tokens, hits = list(prompt_ids), []
     for token in output_ids:
-        index_ngrams(index, tokens, len(hits) + len(prompt_ids) - 1 if hits else 0, len(tokens), n)
+        index_ngrams(index, tokens, len(tokens) - 1 if hits else 0, len(tokens), n)  # the one new position
         hits.append(lookup_draft(tokens, index, n) == token)
         tokens.append(token)
     return hits

@@ -69,7 +69,7 @@ class _Run:
     looked_up: set[int] = field(default_factory=set)  # ... and holding lookup drafts (checked or not)
     small_drafted: int = 0
     lookup_drafted: int = 0
-    round_lookups: int = 0  # lookup drafts among the small_run unchecked drafts
+    round_by_small: list[bool] = field(default_factory=list)  # per unchecked draft: the small model's (else lookup)
     lookup_index: dict[tuple[int, ...], list[int]] = field(default_factory=dict)  # lookup drafting: n-grams of ...
     indexed: int = 0  # ... tokens[:indexed], a final prefix
     discarded: int = 0
@@ -295,8 +295,8 @@ class BiLD:
                 self._draft(run, token, by_small=False)  # no model step: at most N drafts in a round, any cap
                 continue
             # after lookup drafts, the large model checks them first: small drafts behind a wrong one would be lost
-            small_drafts = run.small_run - run.round_lookups
-            if room and small_drafts < run.draft_cap and not run.round_lookups:
+            small_drafts = sum(run.round_by_small)
+            if room and small_drafts < run.draft_cap and small_drafts == run.small_run:
                 small_logits = small.forward(run.tokens, keep=1)[-1]  # (vocab,)
                 confidence = top_probability(small_logits, config.sampling)
                 if not should_fall_back(confidence, small_drafts, run.fallback_threshold, run.draft_cap):
@@ -304,8 +304,7 @@ class BiLD:
                     continue
                 run.fallbacks += 1  # the small token is dropped
                 dropped = 1
-            first_draft = len(run.tokens) - run.small_run
-            by_small = [position not in run.looked_up for position in range(first_draft, len(run.tokens))]
+            by_small = run.round_by_small  # _verify starts the next round's list
             accepted = self._large_pass(run, config, large, small, generators, finished)
             if adaptation is not None:
                 self._learn(run, config, adaptation, by_small, accepted, dropped)
@@ -316,17 +315,17 @@ class BiLD:
         (run.written_by_small if by_small else run.looked_up).add(len(run.tokens))
         run.tokens.append(token)
         run.small_run += 1
+        run.round_by_small.append(by_small)
         if by_small:
             run.small_drafted += 1
         else:
             run.lookup_drafted += 1
-            run.round_lookups += 1
 
     @staticmethod
     def _look_up(run: _Run, n: int) -> int | None:
         """The lookup draft after ``run.tokens`` (BiLDConfig.lookup), matched against the final prefix."""
         index_ngrams(run.lookup_index, run.tokens, run.indexed, run.checked, n)
-        run.indexed = max(run.indexed, run.checked)
+        run.indexed = run.checked  # the final prefix only grows
         return lookup_draft(run.tokens, run.lookup_index, n)
 
     # ---- the adaptive policy (BiLDConfig.policy == "adaptive") ---------------------------------------------
@@ -462,8 +461,8 @@ class BiLD:
         flags = [False] * run.small_run
         if config.repeat_ngram:  # drafts that repeat an n-gram of the output are checked as if alpha_RB were 0
             flags = self._repeats(run, first_draft, config.repeat_ngram)
-        if run.round_lookups:  # ... and so are lookup drafts
-            flags = [flag or first_draft + index in run.looked_up for index, flag in enumerate(flags)]
+        # ... and so are lookup drafts
+        flags = [flag or not by_small for flag, by_small in zip(flags, run.round_by_small)]
         if any(flags):
             strict = torch.tensor(flags, dtype=torch.bool, device=draft_rows.device)
         generator = generators.on(large_logits.device)
@@ -482,7 +481,8 @@ class BiLD:
             run.rollbacks += 1
         elif not finished:
             run.tokens.append(pick(large_logits[-1], config.sampling, generator))
-        run.small_run = run.round_lookups = 0
+        run.small_run = 0
+        run.round_by_small = []
         run.checked = len(run.tokens)
         return accepted
 

@@ -70,6 +70,11 @@ def apply_settings_file(subcommand: argparse.ArgumentParser, path: Path) -> None
     subcommand.set_defaults(**{key: value for key, value in settings.items() if key in flags})
 
 
+LOOKUP_HELP = ("lookup drafting (not in the paper): draft the token that followed the last N tokens where they "
+               "occurred before in the prompt or output, checked as at alpha_RB = 0; 0 = off (default: 2 under the "
+               "adaptive policy, off under fixed)")
+
+
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = BiLDConfig()
     parser.add_argument("--fallback-threshold", type=float, default=defaults.fallback_threshold, help="alpha_FB in [0, 1] (default: %(default)s)")
@@ -83,7 +88,7 @@ def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
                         help="adaptive: learn per request how long to draft, stop drafting where it does not pay; "
                              "fixed: Algorithm 1 as published (default: %(default)s)")
     parser.add_argument("--lookup", type=int, default=defaults.lookup, metavar="N",
-                        help="lookup drafting (not in the paper): draft the token that followed the last N tokens where they occurred before in the prompt or output, checked as at alpha_RB = 0; 0 = off (default: 2 under the adaptive policy, off under fixed)")
+                        help=LOOKUP_HELP)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")

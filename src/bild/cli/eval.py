@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from bild.cli.common import (
-    UsageError, add_config_argument, add_device_arguments, check_output, comma_numbers, fail, placement_from_args,
+    LOOKUP_HELP, UsageError, add_config_argument, add_device_arguments, check_output, comma_numbers, fail, placement_from_args,
     set_threads, speedup_bar,
 )
 from bild.config import BiLDConfig
@@ -63,7 +63,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
                       help="drafting policy of the bild methods; bild-fixed and bild-lossless-fixed always use fixed "
                            "(default: %(default)s)")
     bild.add_argument("--lookup", type=int, default=None, metavar="N",
-                      help="lookup drafting (not in the paper): draft the token that followed the last N tokens where they occurred before in the prompt or output, checked as at alpha_RB = 0; 0 = off (default: 2 under the adaptive policy, off under fixed)")
+                      help=LOOKUP_HELP)
     add_config_argument(bild)
     output = parser.add_argument_group("output")
     output.add_argument("--json-out", type=Path, help="write the summary JSON here")
