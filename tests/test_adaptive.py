@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 
 import pytest
+import torch
 
 from bild.config import BiLDConfig
 from bild.decoding import BiLD
@@ -127,9 +128,16 @@ def test_policy_is_validated():
 # ---- bounds on whole runs ------------------------------------------------------------------------------------
 
 def random_small_pair() -> ModelPair:
-    """A large model and an unrelated small one (other seed, other layer count): it almost never agrees."""
+    """A large model and an unrelated small one (other seed, other layer count): it almost never agrees.
+
+    The large model's logits are scaled up to make it as sure of its picks as a trained model: a random token's NLL is
+    then far above alpha_RB = 5 too. (With the untrained model's flat distributions over 96 tokens, 15-20% of random
+    drafts pass alpha_RB = 5, more than the 12% at which a draft pays for itself at TEST_COSTS: such a small model is
+    worth drafting with, and the policy rightly does.)"""
     tokenizer = tiny_tokenizer(with_eos=False)
     large = tiny_llama(seed=1, layers=3, eos=None)
+    with torch.no_grad():
+        large.lm_head.weight.mul_(8.0)
     small = tiny_llama(seed=99, layers=1, eos=None)
     return ModelPair(large=loaded("large", large, tokenizer), small=loaded("small", small, tokenizer))
 
@@ -142,31 +150,20 @@ def wasted_small_steps(stats) -> int:
 @pytest.mark.parametrize("rollback_threshold", [0.0, 5.0])
 def test_a_small_model_that_never_agrees_is_soon_left_out(rollback_threshold):
     engine = BiLD(random_small_pair())
-    # the small model's drafting alone: lookup drafts (cost no small step) would add tokens per large pass
-    config = BiLDConfig(fallback_threshold=0.0, rollback_threshold=rollback_threshold, max_new_tokens=200, lookup=0)
-    for seed in range(3):
+    config = BiLDConfig(fallback_threshold=0.0, rollback_threshold=rollback_threshold, max_new_tokens=200)
+    for seed in range(6):
         ids = prompt_ids(seed, 8)
-        adaptive = engine.generate_ids(ids, config).stats
-        fixed = engine.generate_ids(ids, BiLDConfig(**{**config.__dict__, "policy": "fixed"})).stats
+        adaptive = engine.generate_ids(ids, config).stats  # lookup drafts on, as by default
         assert adaptive.new_tokens == 200
         assert adaptive.tokens_per_large_pass <= 1.1, adaptive
         assert wasted_small_steps(adaptive) < 0.1 * adaptive.new_tokens, adaptive
         assert adaptive.mean_draft_cap < 0.5
+        # lookup drafts cost no small step, and the small model's waste is the same without them
+        alone = engine.generate_ids(ids, replace(config, lookup=0)).stats
+        assert wasted_small_steps(alone) < 0.1 * alone.new_tokens, alone
         # the same pair under Algorithm 1 wastes a draft run on nearly every token: what the policy saves
+        fixed = engine.generate_ids(ids, replace(config, policy="fixed")).stats
         assert wasted_small_steps(fixed) > 2 * adaptive.new_tokens, fixed
-
-
-def test_lookup_drafts_leave_the_small_models_bound_in_lossless_mode():
-    """With lookup drafts on (the default), lossless BiLD on a small model that never agrees still wastes under 10%
-    of the output in small steps. (At alpha_RB = 5 the random small model's tokens are sometimes accepted, about as
-    often as a draft pays for itself at these costs, and whether it keeps drafting then depends on where the text
-    goes: 12-37 wasted steps in 200 tokens over six prompts with lookup drafts, 12-16 without.)"""
-    engine = BiLD(random_small_pair())
-    config = BiLDConfig(fallback_threshold=0.0, rollback_threshold=0.0, max_new_tokens=200)
-    for seed in range(6):
-        stats = engine.generate_ids(prompt_ids(seed, 8), config).stats
-        assert stats.new_tokens == 200 and stats.tokens_per_large_pass <= 1.1, stats
-        assert wasted_small_steps(stats) < 0.1 * stats.new_tokens, stats
 
 
 def test_a_small_model_equal_to_the_large_one_drafts_long_runs():
