@@ -92,10 +92,14 @@ class Trace:
 
 @torch.inference_mode()
 def teacher_forced_trace(small, large, prompt_ids: list[int], output_ids: list[int]) -> Trace:
-    """The :class:`Trace` of ``output_ids``; ``large`` None leaves ``nll`` empty."""
+    """The :class:`Trace` of ``output_ids``; ``large`` None leaves ``nll`` empty. The small model drafts the prompt's
+    tokens too, as in the engine (bild.drafters.quantize.drafting_also)."""
+    from bild.drafters.quantize import drafting_also
+
     ids = torch.tensor([prompt_ids + output_ids], device=next(small.model.parameters()).device)
     window = slice(len(prompt_ids) - 1, -1)
-    probs = small.model(input_ids=ids).logits[0, window].float().softmax(-1)
+    with drafting_also(small.model, tuple(prompt_ids)):
+        probs = small.model(input_ids=ids).logits[0, window].float().softmax(-1)
     confidence, top = probs.max(-1)
     nll = []
     if large is not None:

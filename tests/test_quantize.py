@@ -11,7 +11,9 @@ from bild.decoding import BiLD
 from bild.models import ModelPair
 import pytest
 
-from bild.drafters.quantize import DraftHead, draft_vocabulary, quantize_decoder_layers, quantize_output_layer
+from bild.drafters.quantize import (
+    DraftHead, draft_vocabulary, drafting_also, quantize_decoder_layers, quantize_output_layer,
+)
 
 from conftest import loaded, make_pair, prompt_ids, tiny_llama, tiny_tokenizer
 
@@ -71,6 +73,63 @@ def test_draft_head_scores_only_its_vocabulary():
     for bad in (torch.tensor([], dtype=torch.long), torch.tensor([0, 50]), torch.tensor([[1, 2]])):
         with pytest.raises(ValueError, match="draft vocabulary"):
             DraftHead(head, bad)
+
+
+def test_a_draft_head_drafts_a_requests_tokens_inside_the_block_only():
+    head = torch.nn.Linear(16, 50, bias=True)
+    keep = torch.tensor([1, 4, 9, 30, 49])
+    draft = DraftHead(head, keep)
+    hidden = torch.randn(2, 3, 16)
+    request = (4, 7, 7, 12)  # 4 is in the vocabulary already; 7 and 12 are not
+    with torch.inference_mode():
+        full, before = head(hidden), draft(hidden)
+        with drafting_also(draft_model(draft), request):
+            inside = draft(hidden)
+        after = draft(hidden)
+    assert torch.equal(inside[..., keep], before[..., keep])
+    assert torch.allclose(inside[..., [7, 12]], full[..., [7, 12]], atol=1e-5)  # the full layer's own rows, exactly
+    others = torch.ones(50, dtype=torch.bool)
+    others[keep], others[[7, 12]] = False, False
+    assert torch.isneginf(inside[..., others]).all()
+    assert torch.equal(after, before)  # the block's tokens go with it
+
+
+def draft_model(head: torch.nn.Module) -> torch.nn.Module:
+    """A stand-in model whose output layer is ``head``."""
+    model = torch.nn.Module()
+    model.get_output_embeddings = lambda: head
+    return model
+
+
+def test_drafting_also_leaves_other_models_alone():
+    model = tiny_llama(4)
+    with drafting_also(model, (5, 6)):  # a full vocabulary: nothing to add
+        assert type(model.get_output_embeddings()) is torch.nn.Linear
+
+
+def test_bild_drafts_prompt_tokens_outside_the_draft_vocabulary():
+    """A small model equal to the large one, whose draft vocabulary leaves out every token the large model writes:
+    only the prompt's tokens let it draft at all, and lossless BiLD stays exact."""
+    pair = make_pair("llama", same=True)
+    config = BiLDConfig(fallback_threshold=0.0, rollback_threshold=0.0, max_new_tokens=30, lookup=0)
+    vanilla = BiLD(pair)
+    prompts = []
+    for seed in range(3):
+        first = prompt_ids(seed, 6)
+        prompts.append(first + vanilla.vanilla_ids(first, config).token_ids[:10])  # prompts the answers copy from
+    answers = [vanilla.vanilla_ids(ids, config).token_ids for ids in prompts]
+    written = {token for answer in answers for token in answer}
+    small = copy.deepcopy(pair.small.model)
+    vocab = small.config.vocab_size
+    quantize_output_layer(small, torch.tensor([t for t in range(vocab) if t not in written]))
+    engine = BiLD(ModelPair(large=pair.large, small=loaded("small-no-answers", small, tiny_tokenizer())))
+    kept = 0
+    for ids, answer in zip(prompts, answers):
+        result = engine.generate_ids(ids, config)
+        assert result.token_ids == answer
+        kept += result.stats.small_tokens_kept
+    assert any(token in ids for ids, answer in zip(prompts, answers) for token in answer)
+    assert kept > 0
 
 
 def test_bild_with_int8_layers_and_a_draft_vocabulary_is_still_exact():

@@ -25,6 +25,7 @@ from bild.cache import CachedDecoder, Decoder
 from bild.config import BiLDConfig, FinishReason, GenerationResult, GenerationStats, SamplingConfig
 from bild.cpu import needs_row_by_row, use_cpu_kernels, use_row_invariant_linear
 from bild.devices import input_device, model_devices
+from bild.drafters.quantize import drafting_also
 from bild.models import LoadedModel, ModelPair
 from bild.policies import (
     DraftCosts,
@@ -269,8 +270,10 @@ class BiLD:
     def _single_steps(self, role, run, config, generators, decoders, prompt_ids) -> Iterator[None]:
         """Plain autoregressive decoding with one model: one forward pass per token."""
         decoder = self._decoder(role, decoders, prompt_ids)
+        model, prompt_tokens = getattr(self.pair, role).model, tuple(prompt_ids)
         while not self._finished(run, config):
-            logits = decoder.forward(run.tokens, keep=1)[-1]  # (vocab,)
+            with drafting_also(model, prompt_tokens):  # a small model drafts the prompt's tokens as in BiLD
+                logits = decoder.forward(run.tokens, keep=1)[-1]  # (vocab,)
             run.tokens.append(pick(logits, config.sampling, generators.on(logits.device)))
             run.checked = len(run.tokens)
             yield
@@ -284,6 +287,7 @@ class BiLD:
         large = self._decoder("large", decoders, prompt_ids)
         adaptation = self._start_adaptation(config, prompt_ids) if config.policy == "adaptive" else None
         lookup = config.lookup_ngram
+        prompt_tokens = tuple(prompt_ids)  # a draft vocabulary's small model drafts these too (DraftHead.drafting_also)
         self._plan_round(run, config, adaptation)
         while True:
             finished = self._finished(run, config)
@@ -297,7 +301,8 @@ class BiLD:
             # after lookup drafts, the large model checks them first: small drafts behind a wrong one would be lost
             small_drafts = sum(run.round_by_small)
             if room and small_drafts < run.draft_cap and small_drafts == run.small_run:
-                small_logits = small.forward(run.tokens, keep=1)[-1]  # (vocab,)
+                with drafting_also(self.pair.small.model, prompt_tokens):
+                    small_logits = small.forward(run.tokens, keep=1)[-1]  # (vocab,)
                 confidence = top_probability(small_logits, config.sampling)
                 if not should_fall_back(confidence, small_drafts, run.fallback_threshold, run.draft_cap):
                     self._draft(run, pick(small_logits, config.sampling, generators.on(small_logits.device)))
