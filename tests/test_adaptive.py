@@ -131,7 +131,7 @@ def random_small_pair() -> ModelPair:
     """A large model and an unrelated small one (other seed, other layer count): it almost never agrees.
 
     The large model's logits are scaled up to make it as sure of its picks as a trained model: a random token's NLL is
-    then far above alpha_RB = 5 too. (With the untrained model's flat distributions over 96 tokens, 15-20% of random
+    then far above alpha_RB = 5 too. (With the untrained model's flat distributions over 96 tokens, 14-19% of random
     drafts pass alpha_RB = 5, more than the 12% at which a draft pays for itself at TEST_COSTS: such a small model is
     worth drafting with, and the policy rightly does.)"""
     tokenizer = tiny_tokenizer(with_eos=False)
