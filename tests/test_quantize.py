@@ -83,15 +83,19 @@ def test_a_draft_head_drafts_a_requests_tokens_inside_the_block_only():
     request = (4, 7, 7, 12)  # 4 is in the vocabulary already; 7 and 12 are not
     with torch.inference_mode():
         full, before = head(hidden), draft(hidden)
-        with drafting_also(draft_model(draft), request):
+        request_tokens = drafting_also(draft_model(draft), request)  # made once, entered around every step
+        with request_tokens:
             inside = draft(hidden)
         after = draft(hidden)
+        with request_tokens:
+            again = draft(hidden)
     assert torch.equal(inside[..., keep], before[..., keep])
     assert torch.allclose(inside[..., [7, 12]], full[..., [7, 12]], atol=1e-5)  # the full layer's own rows, exactly
     others = torch.ones(50, dtype=torch.bool)
     others[keep], others[[7, 12]] = False, False
     assert torch.isneginf(inside[..., others]).all()
     assert torch.equal(after, before)  # the block's tokens go with it
+    assert torch.equal(again, inside)
 
 
 def draft_model(head: torch.nn.Module) -> torch.nn.Module:

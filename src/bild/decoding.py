@@ -270,9 +270,9 @@ class BiLD:
     def _single_steps(self, role, run, config, generators, decoders, prompt_ids) -> Iterator[None]:
         """Plain autoregressive decoding with one model: one forward pass per token."""
         decoder = self._decoder(role, decoders, prompt_ids)
-        model, prompt_tokens = getattr(self.pair, role).model, tuple(prompt_ids)
+        vocabulary = drafting_also(getattr(self.pair, role).model, tuple(prompt_ids))  # the small model's, as in BiLD
         while not self._finished(run, config):
-            with drafting_also(model, prompt_tokens):  # a small model drafts the prompt's tokens as in BiLD
+            with vocabulary:
                 logits = decoder.forward(run.tokens, keep=1)[-1]  # (vocab,)
             run.tokens.append(pick(logits, config.sampling, generators.on(logits.device)))
             run.checked = len(run.tokens)
@@ -287,7 +287,7 @@ class BiLD:
         large = self._decoder("large", decoders, prompt_ids)
         adaptation = self._start_adaptation(config, prompt_ids) if config.policy == "adaptive" else None
         lookup = config.lookup_ngram
-        prompt_tokens = tuple(prompt_ids)  # a draft vocabulary's small model drafts these too (DraftHead.drafting_also)
+        vocabulary = drafting_also(self.pair.small.model, tuple(prompt_ids))  # drafts the prompt's tokens too
         self._plan_round(run, config, adaptation)
         while True:
             finished = self._finished(run, config)
@@ -301,7 +301,7 @@ class BiLD:
             # after lookup drafts, the large model checks them first: small drafts behind a wrong one would be lost
             small_drafts = sum(run.round_by_small)
             if room and small_drafts < run.draft_cap and small_drafts == run.small_run:
-                with drafting_also(self.pair.small.model, prompt_tokens):
+                with vocabulary:
                     small_logits = small.forward(run.tokens, keep=1)[-1]  # (vocab,)
                 confidence = top_probability(small_logits, config.sampling)
                 if not should_fall_back(confidence, small_drafts, run.fallback_threshold, run.draft_cap):

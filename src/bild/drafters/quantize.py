@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from contextlib import contextmanager, nullcontext
-from typing import ContextManager, Iterable, Iterator
+from contextlib import nullcontext
+from typing import ContextManager, Iterable
 
 import torch
 from transformers import PreTrainedModel
@@ -81,7 +81,6 @@ class DraftHead(torch.nn.Module):
         self.full_bias = None if head.bias is None else head.bias.detach()
         self.kept = frozenset(draft_vocab.tolist())
         self.extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None  # ids, rows, bias in force
-        self._extra_for: tuple[tuple[int, ...], tuple] | None = None  # the last request's tokens and their rows
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., in_features) -> logits (..., out_features), -inf outside the draft vocabulary (and the
@@ -93,29 +92,34 @@ class DraftHead(torch.nn.Module):
             logits[..., ids] = torch.nn.functional.linear(hidden, rows, bias)
         return logits
 
-    @contextmanager
-    def drafting_also(self, token_ids: tuple[int, ...]) -> Iterator[None]:
-        """Inside the block, the head drafts ``token_ids`` too (those outside the draft vocabulary get their logits
+    def drafting_also(self, token_ids: tuple[int, ...]) -> RequestTokens:
+        """A context in which the head drafts ``token_ids`` too (those outside the draft vocabulary get their logits
         from the full output layer, in its own precision): a request's prompt tokens, which answers copy (names,
-        rare words) and which no fixed vocabulary can hold. The rows are kept for the next block with the same
-        tuple, so a loop that enters it before every step pays for them once per request."""
-        if self._extra_for is None or self._extra_for[0] is not token_ids:
-            ids = torch.tensor(sorted(set(token_ids) - self.kept), dtype=torch.long)
-            extra = None
-            if len(ids):
-                bias = None if self.full_bias is None else self.full_bias[ids]
-                extra = (ids, self.full_weight[ids], bias)  # (k,), (k, in_features), (k,)
-            self._extra_for = (token_ids, extra)
-        self.extra = self._extra_for[1]
-        try:
-            yield
-        finally:
-            self.extra = None
+        rare words) and which no fixed vocabulary can hold. Their rows are gathered here, once; the context can be
+        entered again and again (a loop enters it around each step of the request)."""
+        ids = torch.tensor(sorted(set(token_ids) - self.kept), dtype=torch.long)
+        if not len(ids):
+            return RequestTokens(self, None)
+        bias = None if self.full_bias is None else self.full_bias[ids]
+        return RequestTokens(self, (ids, self.full_weight[ids], bias))  # (k,), (k, in_features), (k,)
+
+
+class RequestTokens:
+    """:meth:`DraftHead.drafting_also`'s reusable context: the rows in force inside it, none outside."""
+
+    def __init__(self, head: DraftHead, extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None):
+        self.head, self.extra = head, extra
+
+    def __enter__(self) -> None:
+        self.head.extra = self.extra
+
+    def __exit__(self, *exc_info) -> None:
+        self.head.extra = None
 
 
 def drafting_also(model: torch.nn.Module, token_ids: tuple[int, ...]) -> ContextManager:
     """:meth:`DraftHead.drafting_also` for a model whose output layer is a :class:`DraftHead` (a no-op for any other
-    model: it drafts from its whole vocabulary already)."""
+    model: it drafts from its whole vocabulary already). Reusable: make it once per request."""
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if get_head is not None else None
     return head.drafting_also(token_ids) if isinstance(head, DraftHead) else nullcontext()
