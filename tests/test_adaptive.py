@@ -186,6 +186,21 @@ def test_alpha_fb_stays_where_it_started_through_confident_rejections():
         assert all(s.mean_fallback_threshold == pytest.approx(expected) for s in stats)
 
 
+def test_engines_with_other_costs_write_the_same_lossless_text():
+    """Two processes (two Ray replicas) measure their own costs: the choices differ, lossless answers do not."""
+    pair = make_pair("llama", noise=0.6)
+    cheap = BiLD(pair, costs=DraftCosts(small_step=0.01, large_base=1.0, large_per_token=0.0))
+    dear = BiLD(pair, costs=DraftCosts(small_step=0.3, large_base=1.0, large_per_token=0.05, large_passes=(1.0, 1.4)))
+    config = BiLDConfig(rollback_threshold=0.0, max_new_tokens=60)
+    caps = []
+    for seed in range(4):
+        ids = prompt_ids(seed, 6)
+        answers = [engine.generate_ids(ids, config) for engine in (cheap, dear)]
+        assert answers[0].token_ids == answers[1].token_ids == cheap.vanilla_ids(ids, config).token_ids, seed
+        caps.append([answer.stats.mean_draft_cap for answer in answers])
+    assert any(mine != theirs for mine, theirs in caps), caps  # the costs did change the drafting
+
+
 def test_break_even_confidence():
     assert break_even_confidence(COSTS) == pytest.approx(0.12)  # (0.1 + 0.02) / 1.0
     assert break_even_confidence(DraftCosts(small_step=2.0, large_base=1.0, large_per_token=0.0)) == 1.0
