@@ -29,7 +29,7 @@ os.environ.setdefault(PROXY_READY_ENV, "30")
 
 from bild.config import BiLDConfig  # noqa: E402
 from bild.serve.ray import DEPLOYMENT_NAME, REPLICA_HEADER, ReplicaSpec, Scaling, build_app  # noqa: E402
-from conftest import make_pair  # noqa: E402
+from conftest import TEST_COSTS, make_pair  # noqa: E402
 
 MODEL = "tiny"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
@@ -113,10 +113,12 @@ def test_ray_data_answers_twenty_prompts_as_the_local_run_does(tmp_path, capsys)
     lines = [{"id": f"q{index}", "prompt": f"w{5 + index} w{9 + index % 7} w12"} for index in range(19)]
     lines.append({"prompt": "w5 w6", "rollback_threshold": 0, "max_new_tokens": 6})  # per-line settings, id = line 20
     prompts.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    # the fixed policy: the adaptive one measures each engine's costs, so its statistics (not its greedy lossless
-    # tokens) may differ between processes
+    # the adaptive policy, lossy, with the costs fixed in a settings file: the workers plan with them, as the local
+    # engine does (conftest's costs), so the same choices give the same text and statistics
+    settings = tmp_path / "bild.json"
+    settings.write_text(json.dumps({"costs": TEST_COSTS.as_dict()}))
     common = ["generate", "--large", large, "--small", small, "--no-chat", "--no-progress", "--max-new-tokens", "10",
-              "--threads", "1", "--policy", "fixed", "--input", str(prompts)]
+              "--threads", "1", "--config", str(settings), "--input", str(prompts)]
     local, distributed = tmp_path / "local.jsonl", tmp_path / "ray.jsonl"
     assert main([*common, "--output", str(local)]) == 0
     assert main([*common, "--output", str(distributed), "--ray", "--workers", "2"]) == 0
@@ -148,7 +150,7 @@ def ray_url(pair_dirs):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         spec = ReplicaSpec(large=pair_dirs[0], small=pair_dirs[1], model_name=MODEL, queue_size=2, threads=1,
-                           defaults=BiLDConfig(max_new_tokens=12))
+                           defaults=BiLDConfig(max_new_tokens=12), costs=TEST_COSTS)
         serve.run(build_app(spec, Scaling(replicas=2, num_cpus=0.5, max_queued=12, retry_after_s=1)),
                   name=DEPLOYMENT_NAME, route_prefix="/")
         yield f"http://127.0.0.1:{port}"
@@ -170,13 +172,14 @@ def test_chat_stream_and_bad_request_through_the_official_client(client):
     stats = plain.model_extra["bild"]["stats"]
     assert plain.usage.completion_tokens == 10
     assert stats["small_tokens_kept"] + stats["large_tokens"] == plain.usage.completion_tokens
-    # the adaptive policy's lossy choices follow each replica's measured costs, so two replicas may write different
-    # texts; the fixed policy's choices do not depend on the clock: every replica writes the same greedy text
-    fixed = {"policy": "fixed"}
-    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, extra_body=fixed)
-    chunks = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, stream=True, extra_body=fixed)
+    # lossy and adaptive, yet the same text from every replica: they plan with the spec's costs, not their own clock
+    chunks = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10, stream=True)
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
-    assert streamed == whole.choices[0].message.content
+    assert streamed == plain.choices[0].message.content
+    again = [client.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=10)
+             for _ in range(6)]
+    texts = {(raw.headers[REPLICA_HEADER], raw.parse().choices[0].message.content) for raw in again}
+    assert {text for _, text in texts} == {streamed}, texts
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="w5 w6", max_tokens=-1)
     with pytest.raises(openai.NotFoundError):

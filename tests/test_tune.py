@@ -8,10 +8,13 @@ import math
 import pytest
 
 from bild.cli import main
-from bild.config import BiLDConfig, SettingsError, config_with_settings, read_settings
+from bild.config import BiLDConfig, DraftCosts, SettingsError, config_with_settings, read_settings
 from bild.decoding import BiLD
 from bild.eval.harness import MethodSummary
 from bild.eval.tune import PointResult, TuneError, TuneGrid, TunePoint, TuneResult, keeps_bound
+from bild.eval.datasets import Example
+from bild.eval.tune import tune as run_tune
+from conftest import TEST_COSTS, make_pair
 
 
 def summary(speedup: float, exact: float = 1.0, vs_large: float = 100.0) -> MethodSummary:
@@ -21,9 +24,10 @@ def summary(speedup: float, exact: float = 1.0, vs_large: float = 100.0) -> Meth
                          overhead_s=None, throughput_ratio=speedup, rougeL_vs_large=vs_large)
 
 
-def result_of(rows: list[tuple[TunePoint, MethodSummary]], max_loss: float) -> TuneResult:
+def result_of(rows: list[tuple[TunePoint, MethodSummary]], max_loss: float, costs=None) -> TuneResult:
     points = tuple(PointResult(point, row, keeps_bound(row, max_loss)) for point, row in rows)
-    return TuneResult(points=points, vanilla=summary(1.0), n=3, total=3, max_loss=max_loss, interrupted=False)
+    return TuneResult(points=points, vanilla=summary(1.0), n=3, total=3, max_loss=max_loss, interrupted=False,
+                      costs=costs)
 
 
 LOSSLESS = TunePoint("adaptive", 10, 0.6, 0.0)
@@ -50,14 +54,16 @@ def test_when_nothing_that_keeps_the_bound_is_faster_the_large_model_runs_alone(
 
 def test_the_settings_file_holds_the_pick_and_reads_back(tmp_path):
     rows = [(LOSSLESS, summary(1.3)), (TunePoint("fixed", 5, 0.5, math.inf), summary(1.1, exact=0.5, vs_large=95.0))]
-    settings = result_of(rows, max_loss=10).settings("big", "little", BiLDConfig())
+    costs = DraftCosts(small_step=0.008, large_base=0.06, large_per_token=0.003, large_passes=(0.06, 0.066))
+    settings = result_of(rows, max_loss=10, costs=costs).settings("big", "little", BiLDConfig())
     assert (settings["policy"], settings["max_small_steps"], settings["fallback_threshold"],
             settings["rollback_threshold"]) == ("adaptive", 10, 0.6, 0.0)
     assert [row["label"] for row in settings["tuned"]["points"]] == [LOSSLESS.label, "fixed N=5 fb=0.5 rb=inf"]
     path = tmp_path / "bild.json"
     path.write_text(json.dumps(settings, allow_nan=False))
     read = read_settings(path)
-    assert read["large"] == "big" and read["small"] == "little"
+    assert read["large"] == "big" and read["small"] == "little" and read["costs"] == costs
+    assert "costs" not in result_of(rows, max_loss=10).settings("big", "little", BiLDConfig())  # none measured
     assert config_with_settings(read) == BiLDConfig(policy="adaptive", max_small_steps=10, fallback_threshold=0.6,
                                                     rollback_threshold=0.0)
 
@@ -79,6 +85,12 @@ def test_a_grid_with_a_bad_value_is_refused_naming_it():
     ('{"rollback_threshold": "big"}', "rollback_threshold"),
     ('{"max_small_steps": true}', "max_small_steps"),
     ('{"small": 3}', "'small' must be a model name"),
+    ('{"costs": [1, 2]}', "costs must be an object"),
+    ('{"costs": {"small_step": 0.01}}', "'large_base' is missing"),
+    ('{"costs": {"small_step": 0.01, "large_base": 0.1, "large_per_token": 0, "width": 2}}', "unknown key 'width'"),
+    ('{"costs": {"small_step": -1, "large_base": 0.1, "large_per_token": 0}}', "small_step must be a finite number"),
+    ('{"costs": {"small_step": 0.01, "large_base": 0.1, "large_per_token": 0, "large_passes": [0.1, 0]}}',
+     "must cost more than 0"),
 ])
 def test_a_bad_settings_file_is_refused_in_one_line(tmp_path, text, message):
     path = tmp_path / "bild.json"
@@ -139,6 +151,40 @@ def test_config_sets_the_defaults_of_eval_serve_and_sweep(tmp_path):
         assert (args.large, args.small, args.policy, args.max_small_steps) == ("big", "little", "fixed", 3)
         if command[0] != "sweep":  # sweep takes threshold grids, not one value
             assert (args.fallback_threshold, args.rollback_threshold) == (0.3, math.inf)
+    path.write_text(json.dumps({"costs": {"small_step": 0.01, "large_base": 0.1, "large_per_token": 0.002}}))
+    for command in (["serve"], ["generate", "hi"]):  # the commands that build an engine of their own
+        assert parser.parse_args(command).costs is None
+        apply_settings_file(parser.subcommands[command[0]], path)
+        assert parser.parse_args(command + ["--config", str(path)]).costs == DraftCosts(0.01, 0.1, 0.002)
+
+
+def test_tune_returns_the_costs_it_planned_with(tmp_path):
+    examples = [Example(id=f"p{index}", source=f"w{index} w3 w5", reference="") for index in range(2)]
+    grid = TuneGrid(policies=("adaptive",), max_small_steps=(4,), fallback_thresholds=(0.5,), rollback_thresholds=(0.0,))
+    result = run_tune(make_pair("llama"), examples, [example.source for example in examples], grid,
+                      BiLDConfig(max_new_tokens=6), max_loss=0, work_dir=tmp_path, run_key={"test": 1}, chat=False)
+    assert result.costs == TEST_COSTS  # conftest's fixed costs stand in for the measured ones
+
+
+def test_a_settings_files_costs_are_what_the_engine_plans_with(llama_dirs, tmp_path, monkeypatch, capsys):
+    costs = DraftCosts(small_step=0.3, large_base=1.0, large_per_token=0.05, large_passes=(1.0, 1.4))
+    path = tmp_path / "bild.json"
+    path.write_text(json.dumps({"large": str(llama_dirs[0]), "small": str(llama_dirs[1]), "costs": costs.as_dict()}))
+    planned = []
+    original = BiLD._start_adaptation
+
+    def watch(self, config, prompt_ids):
+        planned.append(self.costs)
+        return original(self, config, prompt_ids)
+
+    def no_clock(*_args, **_kwargs):
+        raise AssertionError("the engine timed the pair although the settings file fixed its costs")
+
+    monkeypatch.setattr(BiLD, "_start_adaptation", watch)
+    monkeypatch.setattr(BiLD, "measure_costs", no_clock)
+    assert main(["generate", "--config", str(path), "--no-chat", "--json", "--max-new-tokens", "6", "w1 w3 w5"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "bild"
+    assert planned == [costs]
 
 
 def test_an_interrupted_tune_keeps_its_rows_and_the_rerun_does_only_the_rest(llama_dirs, tmp_path, monkeypatch,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, fields
 from typing import Callable, Iterator
 
 from bild.batch import AnswerWriter, BatchTotals, PromptRecord, answer_row
-from bild.config import BiLDConfig, GenerationResult, GenerationStats
+from bild.config import BiLDConfig, DraftCosts, GenerationResult, GenerationStats
 from bild.extras import require
 
 require("ray", "bild generate --ray")
@@ -39,6 +39,7 @@ class EngineSpec:
     small_device: str | None = None
     threads: int | None = None  # torch CPU threads per worker
     chat: bool | None = None  # the chat template for lines that do not say; None: when the large model has one
+    costs: DraftCosts | None = None  # fixed costs for the adaptive policy (None: each worker measures its own)
 
 
 class Answerer:
@@ -54,7 +55,7 @@ class Answerer:
             torch.set_num_threads(spec.threads)
         pair = load_pair(spec.large, spec.small, device=spec.device, dtype=spec.dtype, device_map=spec.device_map,
                          small_device=spec.small_device)
-        self.engine, self.base, self.chat = BiLD(pair), base, spec.chat
+        self.engine, self.base, self.chat = BiLD(pair, costs=spec.costs), base, spec.chat
 
     def __call__(self, batch: dict) -> dict:
         return {"row": [self._answer(json.loads(text)) for text in batch["record"]]}

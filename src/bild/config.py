@@ -92,6 +92,59 @@ class BiLDConfig:
         return DEFAULT_LOOKUP if self.policy == "adaptive" else 0
 
 
+@dataclass(frozen=True)
+class DraftCosts:
+    """What a small step and a large pass cost, for the adaptive policy: seconds as the engine measures them
+    (``BiLD.measure_costs``), or any one unit when a caller fixes them (``BiLD(pair, costs=...)``, or the ``costs``
+    of a settings file, so that several engines make the same choices)."""
+
+    small_step: float  # one single-token step of the small model
+    large_base: float  # a large pass over one token
+    large_per_token: float  # what each further token adds to a large pass, on average
+    # a large pass over 1, 2, ... tokens, where measured: on a CPU the cost is far from linear in the width (a pass
+    # over a few tokens can cost less than a one-token step); wider passes take large_base and large_per_token
+    large_passes: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        named = {"small_step": self.small_step, "large_base": self.large_base, "large_per_token": self.large_per_token}
+        named |= {f"large_passes[{index}]": value for index, value in enumerate(self.large_passes)}
+        for name, value in named.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"costs: {name} must be a finite number >= 0, got {value!r}")
+        if self.large_base <= 0 or any(value <= 0 for value in self.large_passes):
+            raise ValueError("costs: a large pass must cost more than 0")
+
+    def large_pass(self, width: int) -> float:
+        """A large pass over ``width`` tokens."""
+        if 0 < width <= len(self.large_passes):
+            return self.large_passes[width - 1]
+        return self.large_base + (width - 1) * self.large_per_token
+
+    def round_time(self, draft_length: int) -> float:
+        """One round: ``draft_length`` small steps, then one large pass over the drafts and one more position."""
+        return draft_length * self.small_step + self.large_pass(draft_length + 1)
+
+    def as_dict(self) -> dict[str, float | list[float]]:
+        return {"small_step": self.small_step, "large_base": self.large_base, "large_per_token": self.large_per_token,
+                "large_passes": list(self.large_passes)}
+
+    @classmethod
+    def from_dict(cls, data: object) -> DraftCosts:
+        """The inverse of :meth:`as_dict`; a ValueError says what is missing or wrong."""
+        if not isinstance(data, dict):
+            raise ValueError(f"costs must be an object of small_step, large_base, large_per_token and large_passes, "
+                             f"got {type(data).__name__}")
+        names = ("small_step", "large_base", "large_per_token", "large_passes")
+        unknown, missing = sorted(set(data) - set(names)), [name for name in names[:3] if name not in data]
+        if unknown or missing:
+            raise ValueError(f"costs: unknown key {unknown[0]!r}" if unknown else f"costs: {missing[0]!r} is missing")
+        passes = data.get("large_passes", [])
+        if not isinstance(passes, list):
+            raise ValueError(f"costs: large_passes must be a list of numbers, got {passes!r}")
+        return cls(small_step=data["small_step"], large_base=data["large_base"],
+                   large_per_token=data["large_per_token"], large_passes=tuple(passes))
+
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -136,6 +189,7 @@ class GenerationResult:
 # ---- settings files (`bild tune` writes them; `--config FILE` reads them) ----------------------------------------
 SETTINGS_MODELS = ("large", "small")  # which pair the settings were tuned for
 SETTINGS_DECODING = ("fallback_threshold", "rollback_threshold", "max_small_steps", "repeat_ngram", "policy", "lookup")
+SETTINGS_COSTS = "costs"  # DraftCosts.as_dict(): what every engine started with the file plans with
 SETTINGS_NOTES = ("tuned",)  # what `bild tune` measured: kept in the file for people, ignored when reading
 
 
@@ -144,10 +198,11 @@ class SettingsError(ValueError):
 
 
 def read_settings(path: str | Path) -> dict[str, object]:
-    """The model names and decoding settings of a JSON settings file (as written by `bild tune`), validated.
+    """The model names, decoding settings and costs of a JSON settings file (as written by `bild tune`), validated.
 
-    Only the keys present are returned; apply them with :func:`config_with_settings`. ``rollback_threshold`` may be
-    the string "inf" (JSON has no infinity). Unknown keys, wrong types and out-of-range values raise
+    Only the keys present are returned; apply the decoding settings with :func:`config_with_settings`, and give
+    ``costs`` (a :class:`DraftCosts`) to the engine: ``BiLD(pair, costs=...)``. ``rollback_threshold`` may be the
+    string "inf" (JSON has no infinity). Unknown keys, wrong types and out-of-range values raise
     :class:`SettingsError`.
     """
     path = Path(path)
@@ -159,7 +214,7 @@ def read_settings(path: str | Path) -> dict[str, object]:
         raise SettingsError(f"settings file {str(path)!r} is not JSON: {error}") from None
     if not isinstance(data, dict):
         raise SettingsError(f"settings file {str(path)!r}: expected a JSON object, got {type(data).__name__}")
-    allowed = SETTINGS_MODELS + SETTINGS_DECODING + SETTINGS_NOTES
+    allowed = SETTINGS_MODELS + SETTINGS_DECODING + (SETTINGS_COSTS,) + SETTINGS_NOTES
     unknown = sorted(set(data) - set(allowed))
     if unknown:
         raise SettingsError(f"settings file {str(path)!r}: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
@@ -171,6 +226,8 @@ def read_settings(path: str | Path) -> dict[str, object]:
         settings["rollback_threshold"] = math.inf
     try:
         config_with_settings(settings)
+        if SETTINGS_COSTS in data:
+            settings[SETTINGS_COSTS] = DraftCosts.from_dict(data[SETTINGS_COSTS])
     except ValueError as error:
         raise SettingsError(f"settings file {str(path)!r}: {error}") from None
     return settings

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from bild.config import SamplingConfig
+from bild.config import DraftCosts, SamplingConfig
 from bild.sampling import pick
 
 
@@ -102,28 +102,6 @@ def repeated_ngrams(output: Sequence[Hashable], first: int, n: int, earlier: set
 
 
 # ---------------------------------------------------------------------------------------------- adaptive drafting
-
-
-@dataclass(frozen=True)
-class DraftCosts:
-    """Seconds per model call, as the loop measures them (or as a caller fixes them)."""
-
-    small_step: float  # one single-token step of the small model
-    large_base: float  # a large pass over one token
-    large_per_token: float  # what each further token adds to a large pass, on average
-    # a large pass over 1, 2, ... tokens, where measured: on a CPU the cost is far from linear in the width (a pass
-    # over a few tokens can cost less than a one-token step); wider passes take large_base and large_per_token
-    large_passes: tuple[float, ...] = ()
-
-    def large_pass(self, width: int) -> float:
-        """A large pass over ``width`` tokens."""
-        if 0 < width <= len(self.large_passes):
-            return self.large_passes[width - 1]
-        return self.large_base + (width - 1) * self.large_per_token
-
-    def round_time(self, draft_length: int) -> float:
-        """One round: ``draft_length`` small steps, then one large pass over the drafts and one more position."""
-        return draft_length * self.small_step + self.large_pass(draft_length + 1)
 
 
 def estimated_rate(successes: float, failures: float, prior: float, weight: float) -> float:

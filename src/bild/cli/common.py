@@ -55,6 +55,7 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="a JSON settings file (e.g. from `bild tune`): the pair and decoding settings it holds "
                              "become this command's defaults; flags given on the command line override them")
+    parser.set_defaults(costs=None)  # the file's fixed costs for the adaptive policy, if it has any
 
 
 def apply_settings_file(subcommand: argparse.ArgumentParser, path: Path) -> None:
@@ -66,7 +67,7 @@ def apply_settings_file(subcommand: argparse.ArgumentParser, path: Path) -> None
         settings = read_settings(path)
     except SettingsError as error:
         raise UsageError(str(error)) from None
-    flags = {action.dest for action in subcommand._actions}
+    flags = {action.dest for action in subcommand._actions} | {"costs"}
     subcommand.set_defaults(**{key: value for key, value in settings.items() if key in flags})
 
 
@@ -112,9 +113,11 @@ def config_from_args(args: argparse.Namespace) -> BiLDConfig:
         raise UsageError(str(error)) from error
 
 
-def load_engine(large: str, small: str | None, where: Placement | None = None, small_device: str | None = None):
+def load_engine(large: str, small: str | None, where: Placement | None = None, small_device: str | None = None,
+                costs=None):
     """Load the pair at ``where`` (the small model on ``small_device`` or the large model's first device; errors ->
-    UsageError). Without the default little model, run the large model alone."""
+    UsageError). Without the default little model, run the large model alone. ``costs``: fixed DraftCosts for the
+    adaptive policy (None: the engine measures them)."""
     from bild.decoding import BiLD
     from bild.models import ModelLoadError, ModelPair, check_same_vocabulary, load_model, small_placement
 
@@ -136,7 +139,7 @@ def load_engine(large: str, small: str | None, where: Placement | None = None, s
             check_same_vocabulary(large_model, small_model)
     except ValueError as error:
         raise UsageError(str(error)) from error
-    return BiLD(ModelPair(large=large_model, small=small_model))
+    return BiLD(ModelPair(large=large_model, small=small_model), costs=costs)
 
 
 def comma_numbers(text: str, option: str, kind: type = float) -> tuple:

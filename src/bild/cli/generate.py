@@ -62,7 +62,7 @@ def _cmd_generate(args: argparse.Namespace) -> int | None:
         raise UsageError("give a prompt, or --input FILE with one prompt a line")
     if not args.prompt.strip():
         raise UsageError("prompt is empty")
-    engine = load_engine(args.large, args.small, where, small_device)
+    engine = load_engine(args.large, args.small, where, small_device, costs=args.costs)
     chat = args.chat
     try:
         prompt_ids = engine.encode(args.prompt, chat)
@@ -120,7 +120,7 @@ def _cmd_generate_file(args: argparse.Namespace, config: BiLDConfig, where, smal
     if args.ray:
         answers = _ray_answers(args, todo, config)
     else:
-        engine = load_engine(args.large, args.small, where, small_device)
+        engine = load_engine(args.large, args.small, where, small_device, costs=args.costs)
         try:
             prompt_ids = encode_all(engine, todo, str(args.input), args.chat)
         except PromptFileError as error:
@@ -163,7 +163,7 @@ def _ray_answers(args: argparse.Namespace, todo, config: BiLDConfig):
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
     small = None if args.small is not None and args.small.lower() == "none" else args.small
     spec = EngineSpec(large=args.large, small=small, device=args.device, dtype=args.dtype, device_map=args.device_map,
-                      small_device=args.small_device, threads=args.threads, chat=args.chat)
+                      small_device=args.small_device, threads=args.threads, chat=args.chat, costs=args.costs)
     run = RayRun(workers=args.workers, num_cpus=float(args.threads or 1), address=args.ray_address)
     return partial(answer_on_ray, todo, spec, config, run=run)
 

@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:  # ModelLoadError, VocabularyMismatchError
         raise UsageError(str(error)) from error
     model_name = args.model_name or args.large
-    app = create_app(BiLD(pair), model_name, defaults, queue_size=args.queue_size, api_key=args.api_key,
+    app = create_app(BiLD(pair, costs=args.costs), model_name, defaults, queue_size=args.queue_size, api_key=args.api_key,
                      max_prompt_tokens=args.max_prompt_tokens)
     print(f"serving {model_name!r} on http://{args.host}:{args.port}/v1 (Ctrl-C or SIGTERM stops)", file=sys.stderr)
     started = run_server(app, args.host, args.port, shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level)
@@ -152,7 +152,7 @@ def _run_on_ray(args: argparse.Namespace, defaults) -> int:
     scaling = _scaling(args)
     spec = ReplicaSpec(large=args.large, small=args.small, model_name=args.model_name, defaults=defaults,
                        queue_size=args.queue_size, api_key=args.api_key, threads=args.threads,
-                       max_prompt_tokens=args.max_prompt_tokens)
+                       max_prompt_tokens=args.max_prompt_tokens, costs=args.costs)
     import ray
     from ray import serve
 

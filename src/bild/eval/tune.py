@@ -22,7 +22,7 @@ import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from bild.config import BiLDConfig
+from bild.config import BiLDConfig, DraftCosts
 from bild.decoding import BiLD
 from bild.eval.datasets import EvalDataset, Example
 from bild.eval.harness import (
@@ -99,6 +99,7 @@ class TuneResult:
     total: int  # prompts asked for
     max_loss: float
     interrupted: bool
+    costs: DraftCosts | None = None  # what the adaptive policy planned with in this run (None: nothing was run)
 
     @property
     def pick(self) -> PointResult | None:
@@ -119,7 +120,8 @@ class TuneResult:
                     else f"ROUGE-L against the large model's outputs >= {100 - self.max_loss:g}",
                     "pick": pick.point.label if pick else "the large model alone: no point that keeps the bound was faster",
                     "points": [_point_row(result) for result in self.points]}
-        return {"large": large, "small": small if pick else "none", **decoding, "tuned": measured}
+        costs = {"costs": self.costs.as_dict()} if self.costs is not None and pick else {}
+        return {"large": large, "small": small if pick else "none", **decoding, **costs, "tuned": measured}
 
 
 def _point_row(result: PointResult) -> dict:
@@ -200,7 +202,7 @@ def tune(
         summary = summarize(records[point.label], records[BASELINE])
         results.append(PointResult(point, summary, keeps_bound(summary, max_loss)))
     return TuneResult(points=tuple(results), vanilla=vanilla, n=len(records[BASELINE]), total=len(examples),
-                      max_loss=max_loss, interrupted=evaluation.interrupted)
+                      max_loss=max_loss, interrupted=evaluation.interrupted, costs=engine.costs)
 
 
 def check_work_dir(work_dir: Path, run_key: dict) -> bool:

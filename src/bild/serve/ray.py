@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from bild.config import BiLDConfig
+from bild.config import BiLDConfig, DraftCosts
 from bild.extras import require
 from bild.serve.app import DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_QUEUE_SIZE
 
@@ -48,6 +48,7 @@ class ReplicaSpec:
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
     api_key: str | None = None
     threads: int | None = None  # torch CPU threads per replica (None: torch's choice)
+    costs: DraftCosts | None = None  # fixed costs for the adaptive policy (None: each replica measures its own)
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def replica_app(spec: ReplicaSpec):
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     replica = _replica_name()
-    engine = BiLD(load_pair(spec.large, spec.small))
+    engine = BiLD(load_pair(spec.large, spec.small), costs=spec.costs)
     app = create_app(engine, spec.model_name or spec.large, spec.defaults, queue_size=spec.queue_size, api_key=spec.api_key,
                      max_prompt_tokens=spec.max_prompt_tokens, replica=replica)
     app.add_middleware(_ReplicaHeader, replica=replica)
