@@ -164,6 +164,9 @@ def test_tune_returns_the_costs_it_planned_with(tmp_path):
     result = run_tune(make_pair("llama"), examples, [example.source for example in examples], grid,
                       BiLDConfig(max_new_tokens=6), max_loss=0, work_dir=tmp_path, run_key={"test": 1}, chat=False)
     assert result.costs == TEST_COSTS  # conftest's fixed costs stand in for the measured ones
+    again = run_tune(make_pair("llama"), examples, [example.source for example in examples], grid,
+                     BiLDConfig(max_new_tokens=6), max_loss=0, work_dir=tmp_path, run_key={"test": 1}, chat=False)
+    assert again.n == 2 and again.costs == TEST_COSTS  # nothing left to run: the costs kept from the first run
 
 
 def test_a_settings_files_costs_are_what_the_engine_plans_with(llama_dirs, tmp_path, monkeypatch, capsys):

@@ -9,7 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bild.config import BiLDConfig, SamplingConfig
+from bild.config import BiLDConfig, DraftCosts, SamplingConfig
 from bild.devices import DEVICE_CHOICES, DTYPES, Placement, PlacementError, placement, resolve_device
 from bild.models import DEFAULT_LARGE, DEFAULT_SMALL
 
@@ -54,7 +54,8 @@ def placement_from_args(args: argparse.Namespace) -> tuple[Placement, str | None
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="a JSON settings file (e.g. from `bild tune`): the pair and decoding settings it holds "
-                             "become this command's defaults; flags given on the command line override them")
+                             "become this command's defaults, flags given on the command line override them; its "
+                             "costs, if any, are what generate and serve plan with instead of timing the pair")
     parser.set_defaults(costs=None)  # the file's fixed costs for the adaptive policy, if it has any
 
 
@@ -114,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> BiLDConfig:
 
 
 def load_engine(large: str, small: str | None, where: Placement | None = None, small_device: str | None = None,
-                costs=None):
+                costs: DraftCosts | None = None):
     """Load the pair at ``where`` (the small model on ``small_device`` or the large model's first device; errors ->
     UsageError). Without the default little model, run the large model alone. ``costs``: fixed DraftCosts for the
     adaptive policy (None: the engine measures them)."""

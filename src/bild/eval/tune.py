@@ -32,6 +32,7 @@ from bild.eval.methods import MethodContext, Request, bild_method, build_method
 from bild.models import ModelPair
 
 RUN_FILE = "run.json"
+COSTS_FILE = "costs.json"  # the costs the adaptive policy planned with, for a later pick that runs nothing
 POLICIES = ("adaptive", "fixed")
 
 
@@ -202,7 +203,19 @@ def tune(
         summary = summarize(records[point.label], records[BASELINE])
         results.append(PointResult(point, summary, keeps_bound(summary, max_loss)))
     return TuneResult(points=tuple(results), vanilla=vanilla, n=len(records[BASELINE]), total=len(examples),
-                      max_loss=max_loss, interrupted=evaluation.interrupted, costs=engine.costs)
+                      max_loss=max_loss, interrupted=evaluation.interrupted, costs=_kept_costs(work_dir, engine.costs))
+
+
+def _kept_costs(work_dir: Path, measured: DraftCosts | None) -> DraftCosts | None:
+    """``measured``, kept in the work directory; or, when this run measured none (it ran nothing), the kept ones."""
+    path = work_dir / COSTS_FILE
+    if measured is not None:
+        _write_atomically(path, json.dumps(measured.as_dict()))
+        return measured
+    try:
+        return DraftCosts.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):  # none kept (an older work directory), or unreadable: the file goes without
+        return None
 
 
 def check_work_dir(work_dir: Path, run_key: dict) -> bool:
