@@ -10,9 +10,9 @@ import pytest
 from bild.cli import main
 from bild.config import BiLDConfig, DraftCosts, SettingsError, config_with_settings, read_settings
 from bild.decoding import BiLD
+from bild.eval.datasets import Example
 from bild.eval.harness import MethodSummary
 from bild.eval.tune import PointResult, TuneError, TuneGrid, TunePoint, TuneResult, keeps_bound
-from bild.eval.datasets import Example
 from bild.eval.tune import tune as run_tune
 from conftest import TEST_COSTS, make_pair
 
@@ -90,7 +90,7 @@ def test_a_grid_with_a_bad_value_is_refused_naming_it():
     ('{"costs": {"small_step": 0.01, "large_base": 0.1, "large_per_token": 0, "width": 2}}', "unknown key 'width'"),
     ('{"costs": {"small_step": -1, "large_base": 0.1, "large_per_token": 0}}', "small_step must be a finite number"),
     ('{"costs": {"small_step": 0.01, "large_base": 0.1, "large_per_token": 0, "large_passes": [0.1, 0]}}',
-     "must cost more than 0"),
+     r"large_passes\[1\] must be > 0"),
 ])
 def test_a_bad_settings_file_is_refused_in_one_line(tmp_path, text, message):
     path = tmp_path / "bild.json"
@@ -158,15 +158,25 @@ def test_config_sets_the_defaults_of_eval_serve_and_sweep(tmp_path):
         assert parser.parse_args(command + ["--config", str(path)]).costs == DraftCosts(0.01, 0.1, 0.002)
 
 
-def test_tune_returns_the_costs_it_planned_with(tmp_path):
+def no_clock(*_args, **_kwargs):
+    raise AssertionError("the engine timed the pair although its costs were fixed")
+
+
+def test_a_resumed_tune_plans_with_the_costs_of_its_first_part(tmp_path, monkeypatch):
+    first = DraftCosts(small_step=0.05, large_base=1.0, large_per_token=0.02)
     examples = [Example(id=f"p{index}", source=f"w{index} w3 w5", reference="") for index in range(2)]
     grid = TuneGrid(policies=("adaptive",), max_small_steps=(4,), fallback_thresholds=(0.5,), rollback_thresholds=(0.0,))
-    result = run_tune(make_pair("llama"), examples, [example.source for example in examples], grid,
-                      BiLDConfig(max_new_tokens=6), max_loss=0, work_dir=tmp_path, run_key={"test": 1}, chat=False)
-    assert result.costs == TEST_COSTS  # conftest's fixed costs stand in for the measured ones
-    again = run_tune(make_pair("llama"), examples, [example.source for example in examples], grid,
-                     BiLDConfig(max_new_tokens=6), max_loss=0, work_dir=tmp_path, run_key={"test": 1}, chat=False)
-    assert again.n == 2 and again.costs == TEST_COSTS  # nothing left to run: the costs kept from the first run
+
+    def run(count: int) -> TuneResult:
+        return run_tune(make_pair("llama"), examples[:count], [example.source for example in examples[:count]], grid,
+                        BiLDConfig(max_new_tokens=6), max_loss=0, work_dir=tmp_path, run_key={"test": 1}, chat=False)
+
+    monkeypatch.setattr(BiLD, "measure_costs", lambda self, prompt_ids, longest, repeats=3: first)
+    assert run(1).costs == first
+    monkeypatch.setattr(BiLD, "measure_costs", no_clock)
+    resumed = run(2)  # the second prompt runs now, planned with the costs the first one ran with
+    assert resumed.n == 2 and resumed.costs == first
+    assert run(2).costs == first  # nothing left to run: the kept costs still go into the settings
 
 
 def test_a_settings_files_costs_are_what_the_engine_plans_with(llama_dirs, tmp_path, monkeypatch, capsys):
@@ -180,14 +190,26 @@ def test_a_settings_files_costs_are_what_the_engine_plans_with(llama_dirs, tmp_p
         planned.append(self.costs)
         return original(self, config, prompt_ids)
 
-    def no_clock(*_args, **_kwargs):
-        raise AssertionError("the engine timed the pair although the settings file fixed its costs")
-
     monkeypatch.setattr(BiLD, "_start_adaptation", watch)
     monkeypatch.setattr(BiLD, "measure_costs", no_clock)
     assert main(["generate", "--config", str(path), "--no-chat", "--json", "--max-new-tokens", "6", "w1 w3 w5"]) == 0
     assert json.loads(capsys.readouterr().out)["method"] == "bild"
     assert planned == [costs]
+
+    # `bild serve` (one process) plans with them too
+    served = []
+    monkeypatch.setattr("bild.serve.create_app", lambda engine, *_args, **_kwargs: served.append(engine.costs))
+    monkeypatch.setattr("bild.serve.run", lambda *_args, **_kwargs: True)
+    assert main(["serve", "--config", str(path)]) == 0
+    assert served == [costs]
+
+    # another small model on the command line than the file's: its costs were not timed with it, so it times its own
+    timed = []
+    monkeypatch.setattr(BiLD, "measure_costs", lambda self, prompt_ids, longest, repeats=3: timed.append(1) or TEST_COSTS)
+    other = str(llama_dirs[1]) + "/"  # the same checkpoint, named otherwise: as good as another model here
+    assert main(["generate", "--config", str(path), "--small", other, "--no-chat", "--max-new-tokens", "6", "w1"]) == 0
+    assert planned[-1] is None and timed == [1]  # no fixed costs: the engine timed the pair
+    assert "note: the settings file's costs were timed with its own small model" in capsys.readouterr().err
 
 
 def test_an_interrupted_tune_keeps_its_rows_and_the_rerun_does_only_the_rest(llama_dirs, tmp_path, monkeypatch,

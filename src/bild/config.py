@@ -111,8 +111,10 @@ class DraftCosts:
         for name, value in named.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"costs: {name} must be a finite number >= 0, got {value!r}")
-        if self.large_base <= 0 or any(value <= 0 for value in self.large_passes):
-            raise ValueError("costs: a large pass must cost more than 0")
+        free = [name for name, value in named.items() if name.startswith("large_") and name != "large_per_token"
+                and value == 0]
+        if free:
+            raise ValueError(f"costs: {free[0]} must be > 0 (a large pass costs something)")
 
     def large_pass(self, width: int) -> float:
         """A large pass over ``width`` tokens."""

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from bild.cli import align, early_exit, eval, generate, serve, tune
-from bild.cli.common import UsageError, apply_settings_file, check_text_arguments, unsupported_dtype
+from bild.cli.common import UsageError, apply_settings_file, check_text_arguments, costs_for_pair, unsupported_dtype
 from bild.extras import MissingExtraError
 
 # Each subcommand module exposes register(subparsers), in the order `bild --help` lists them.
@@ -27,15 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    settings: dict[str, object] = {}
     if getattr(args, "config", None) is not None:  # the file's settings become defaults; parse again: flags win
         try:
-            apply_settings_file(parser.subcommands[args.command], args.config)
+            settings = apply_settings_file(parser.subcommands[args.command], args.config)
         except UsageError as error:
             print(f"bild {args.command}: error: {error}", file=sys.stderr)
             return 2
         args = parser.parse_args(argv)
     if getattr(args, "early_exit_layer", None) is not None:  # one spelling for every subcommand with --small
         args.small = f"early-exit:{args.early_exit_layer}"
+    costs_for_pair(args, settings)  # the file's costs only for the file's pair
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:  # transformers' weight-loading bars and advisories are noise on a command line
         import transformers

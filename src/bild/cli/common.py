@@ -59,9 +59,10 @@ def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(costs=None)  # the file's fixed costs for the adaptive policy, if it has any
 
 
-def apply_settings_file(subcommand: argparse.ArgumentParser, path: Path) -> None:
-    """Make the ``--config`` file's settings the subcommand's defaults; the caller parses again, so flags still win.
-    Settings the subcommand has no flag for (e.g. the thresholds for `bild sweep`, which takes a grid) are skipped."""
+def apply_settings_file(subcommand: argparse.ArgumentParser, path: Path) -> dict[str, object]:
+    """Make the ``--config`` file's settings the subcommand's defaults (and return them); the caller parses again, so
+    flags still win. Settings the subcommand has no flag for (e.g. the thresholds for `bild sweep`, which takes a
+    grid) are skipped."""
     from bild.config import SettingsError, read_settings
 
     try:
@@ -70,6 +71,19 @@ def apply_settings_file(subcommand: argparse.ArgumentParser, path: Path) -> None
         raise UsageError(str(error)) from None
     flags = {action.dest for action in subcommand._actions} | {"costs"}
     subcommand.set_defaults(**{key: value for key, value in settings.items() if key in flags})
+    return settings
+
+
+def costs_for_pair(args: argparse.Namespace, settings: dict[str, object]) -> None:
+    """Drop the settings file's costs (with a note) when the command line names another pair than the file: they
+    were timed with the file's models."""
+    if getattr(args, "costs", None) is None:
+        return
+    changed = [key for key in ("large", "small") if key in settings and getattr(args, key, None) != settings[key]]
+    if changed:
+        print(f"note: the settings file's costs were timed with its own {changed[0]} model, not "
+              f"{getattr(args, changed[0])!r}: timing this pair instead", file=sys.stderr)
+        args.costs = None
 
 
 LOOKUP_HELP = ("lookup drafting (not in the paper): draft the token that followed the last N tokens where they "

@@ -32,7 +32,7 @@ from bild.eval.methods import MethodContext, Request, bild_method, build_method
 from bild.models import ModelPair
 
 RUN_FILE = "run.json"
-COSTS_FILE = "costs.json"  # the costs the adaptive policy planned with, for a later pick that runs nothing
+COSTS_FILE = "costs.json"  # the costs the adaptive policy planned with: a resumed run plans with them too
 POLICIES = ("adaptive", "fixed")
 
 
@@ -100,7 +100,7 @@ class TuneResult:
     total: int  # prompts asked for
     max_loss: float
     interrupted: bool
-    costs: DraftCosts | None = None  # what the adaptive policy planned with in this run (None: nothing was run)
+    costs: DraftCosts | None = None  # what the adaptive policy planned with (None: no adaptive point has run)
 
     @property
     def pick(self) -> PointResult | None:
@@ -121,7 +121,8 @@ class TuneResult:
                     else f"ROUGE-L against the large model's outputs >= {100 - self.max_loss:g}",
                     "pick": pick.point.label if pick else "the large model alone: no point that keeps the bound was faster",
                     "points": [_point_row(result) for result in self.points]}
-        costs = {"costs": self.costs.as_dict()} if self.costs is not None and pick else {}
+        adaptive = pick is not None and chosen.policy == "adaptive"
+        costs = {"costs": self.costs.as_dict()} if self.costs is not None and adaptive else {}
         return {"large": large, "small": small if pick else "none", **decoding, **costs, "tuned": measured}
 
 
@@ -169,7 +170,7 @@ def tune(
     points = grid.points()
     labels = [BASELINE] + [point.label for point in points]
     done = _resume(work_dir, run_key, labels)
-    engine = BiLD(pair)
+    engine = BiLD(pair, costs=_kept_costs(work_dir))  # resumed: plan with the costs the earlier rows were run with
     context = MethodContext(pair=pair, engine=engine, config=config)
     methods = {BASELINE: build_method(BASELINE, context)}
     methods |= {point.label: bild_method(context, **asdict(point)) for point in points}
@@ -187,6 +188,8 @@ def tune(
 
     evaluation = run_methods(pair, engine, dataset, methods, config, out_dir=work_dir, warmup=warmup if todo else 0,
                              chat=use_chat, on_progress=progress, requests=requests, append=True)
+    if engine.costs is not None:
+        _write_atomically(work_dir / COSTS_FILE, json.dumps(engine.costs.as_dict()))
     fresh: dict[str, dict[str, ExampleRecord]] = {}
     for label in labels:
         for record in evaluation.records[label]:
@@ -203,18 +206,14 @@ def tune(
         summary = summarize(records[point.label], records[BASELINE])
         results.append(PointResult(point, summary, keeps_bound(summary, max_loss)))
     return TuneResult(points=tuple(results), vanilla=vanilla, n=len(records[BASELINE]), total=len(examples),
-                      max_loss=max_loss, interrupted=evaluation.interrupted, costs=_kept_costs(work_dir, engine.costs))
+                      max_loss=max_loss, interrupted=evaluation.interrupted, costs=engine.costs)
 
 
-def _kept_costs(work_dir: Path, measured: DraftCosts | None) -> DraftCosts | None:
-    """``measured``, kept in the work directory; or, when this run measured none (it ran nothing), the kept ones."""
-    path = work_dir / COSTS_FILE
-    if measured is not None:
-        _write_atomically(path, json.dumps(measured.as_dict()))
-        return measured
+def _kept_costs(work_dir: Path) -> DraftCosts | None:
+    """The costs an earlier part of this run planned with, if it kept any (see :data:`COSTS_FILE`)."""
     try:
-        return DraftCosts.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError):  # none kept (an older work directory), or unreadable: the file goes without
+        return DraftCosts.from_dict(json.loads((work_dir / COSTS_FILE).read_text(encoding="utf-8")))
+    except (OSError, ValueError):  # none kept (no adaptive point has run yet), or unreadable: time the pair again
         return None
 
 
@@ -244,8 +243,8 @@ def _resume(work_dir: Path, run_key: dict, labels: list[str]) -> dict[str, dict[
     if not check_work_dir(work_dir, run_key):
         work_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_key, run_file)
-        if rows_file.exists():
-            rows_file.unlink()
+        for stale in (rows_file, work_dir / COSTS_FILE):
+            stale.unlink(missing_ok=True)
     done: dict[str, dict[str, ExampleRecord]] = {}
     if rows_file.exists():
         for line in rows_file.read_text(encoding="utf-8").splitlines():
