@@ -111,8 +111,7 @@ class DraftCosts:
         for name, value in named.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"costs: {name} must be a finite number >= 0, got {value!r}")
-        free = [name for name, value in named.items() if name.startswith("large_") and name != "large_per_token"
-                and value == 0]
+        free = [name for name, value in named.items() if value == 0 and name not in ("small_step", "large_per_token")]
         if free:
             raise ValueError(f"costs: {free[0]} must be > 0 (a large pass costs something)")
 

@@ -69,7 +69,8 @@ def apply_settings_file(subcommand: argparse.ArgumentParser, path: Path) -> dict
         settings = read_settings(path)
     except SettingsError as error:
         raise UsageError(str(error)) from None
-    flags = {action.dest for action in subcommand._actions} | {"costs"}
+    # the flags, and the values the subcommand keeps without a flag (add_config_argument's `costs`)
+    flags = {action.dest for action in subcommand._actions} | set(subcommand._defaults)
     subcommand.set_defaults(**{key: value for key, value in settings.items() if key in flags})
     return settings
 

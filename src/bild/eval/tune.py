@@ -189,7 +189,7 @@ def tune(
     evaluation = run_methods(pair, engine, dataset, methods, config, out_dir=work_dir, warmup=warmup if todo else 0,
                              chat=use_chat, on_progress=progress, requests=requests, append=True)
     if engine.costs is not None:
-        _write_atomically(work_dir / COSTS_FILE, json.dumps(engine.costs.as_dict()))
+        write_json(engine.costs.as_dict(), work_dir / COSTS_FILE)
     fresh: dict[str, dict[str, ExampleRecord]] = {}
     for label in labels:
         for record in evaluation.records[label]:
